@@ -1,0 +1,2 @@
+"""Classical baselines: the Dark Channel Prior."""
+from .dcp import DarkChannelPrior, dehaze_dcp

@@ -1,0 +1,235 @@
+"""``lowcon`` command line: train, eval, dehaze, translate, synth-haze, demo, presets."""
+from __future__ import annotations
+
+import argparse
+import sys
+import warnings
+from pathlib import Path
+
+__all__ = ["main"]
+
+DEHAZE_METHODS = ("aecrnet",)
+TRANSLATION_METHODS = ("cut", "fastcut", "sincut", "cyclegan")
+
+
+def _config_class(method: str):
+    if method in DEHAZE_METHODS:
+        from .dehazing import DehazeConfig
+
+        return DehazeConfig
+    if method in TRANSLATION_METHODS:
+        from .translation import TranslationConfig
+
+        return TranslationConfig
+    valid = ", ".join(DEHAZE_METHODS + TRANSLATION_METHODS)
+    raise ValueError(f"method: {method!r} is not a lowcon method; valid: {valid}")
+
+
+def cmd_train(args) -> int:
+    from .config import load_config, parse_overrides, preset_path, read_yaml
+
+    path = preset_path(args.config)
+    overrides = parse_overrides(args.set or [])
+    for key in ("data", "run_dir", "steps", "device"):
+        value = getattr(args, key, None)
+        if value is not None:
+            overrides[key] = value
+    method = overrides.get("method") or read_yaml(path).get("method", "aecrnet")
+    cfg = load_config(_config_class(method), path, overrides)
+    if method in DEHAZE_METHODS:
+        from .dehazing import train_dehaze
+
+        run_dir = train_dehaze(cfg, resume=args.resume, progress=not args.quiet)
+    else:
+        from .translation import train_translation
+
+        run_dir = train_translation(cfg, resume=args.resume, progress=not args.quiet)
+    print(f"run folder: {run_dir} (last.pt, best.pt, log.csv, config.yaml, samples/)")
+    return 0
+
+
+def cmd_eval(args) -> int:
+    if args.run:
+        from .translation import evaluate_run
+
+        if not (args.real and args.test):
+            raise ValueError("eval --run: also give --real (target-domain images) and --test (source images)")
+        result = evaluate_run(args.run, args.real, args.test, inception_weights=args.inception_weights, device=args.device)
+        for key in ("best", "last"):
+            if key in result:
+                print(f"{key} epoch: {result[key]}")
+        return 0
+    if not args.data:
+        raise ValueError("eval: give --data DIR (with hazy/ and clear/) or --run RUN for translation")
+    from .data.paired import PairedDehazeDataset
+    from .dehazing import evaluate_dehazer, load_dehazer
+
+    root = Path(args.data)
+    dataset = PairedDehazeDataset(root / "hazy", root / "clear", layout=args.layout, on_error="raise")
+    out = Path(args.out) if args.out else None
+    results = []
+    for source in args.model:
+        if source == "hazy":
+            import torch
+
+            net, multiple, label = torch.nn.Identity(), 1, "hazy input (do nothing)"
+        else:
+            net, multiple, label = load_dehazer(source, args.device)
+        csv_path = out / f"scores_{Path(source).stem}.csv" if out else None
+        s = evaluate_dehazer(net, dataset, args.protocol, multiple, csv_path=csv_path, tile=args.tile,
+                             progress=not args.quiet, identity=source == "hazy")
+        results.append((label, s))
+        print(f"{label}: PSNR {s['psnr']:.2f} dB  SSIM {s['ssim']:.4f}  on {s['n']} images of {root}  [protocol {s['protocol']}]")
+    if out:
+        from .report import markdown_table, write_text_atomic
+        from .metrics.protocols import get_protocol
+
+        proto = get_protocol(args.protocol)
+        table = markdown_table(["method", "PSNR (dB)", "SSIM", "images"],
+                               [(lab, s["psnr"], f"{s['ssim']:.4f}", s["n"]) for lab, s in results])
+        write_text_atomic(out / "summary.md", f"# {root}\n\nProtocol `{proto.name}`: {proto.description}\n\n{table}\n")
+        print(f"per-image CSV and summary.md in {out}")
+    return 0
+
+
+def cmd_dehaze(args) -> int:
+    from .dehazing import dehaze_paths
+
+    source = "dcp" if args.method == "dcp" else args.model
+    written = dehaze_paths(args.inputs, args.output, source=source, device=args.device, batch_size=args.batch_size,
+                           tile=args.tile, on_error=args.on_error, progress=not args.quiet)
+    print(f"wrote {len(written)} image(s) to {args.output}")
+    return 0
+
+
+def cmd_translate(args) -> int:
+    from .translation import translate_paths
+
+    written = translate_paths(args.inputs, args.output, args.checkpoint, device=args.device,
+                              batch_size=args.batch_size, direction=args.direction, on_error=args.on_error)
+    print(f"wrote {len(written)} image(s) to {args.output}")
+    return 0
+
+
+def cmd_synth_haze(args) -> int:
+    from .data.haze import synthesize_haze_folder
+
+    written = synthesize_haze_folder(args.clear_dir, args.output, setting=args.setting, per_image=args.per_image,
+                                     depth_dir=args.depth, disparity_dir=args.disparity, seed=args.seed)
+    print(f"wrote {len(written)} hazy image(s) to {Path(args.output) / 'hazy'} (clear images in {Path(args.output) / 'clear'})")
+    return 0
+
+
+def cmd_demo(args) -> int:
+    if args.task == "dehaze":
+        from .demo_dehaze import demo_dehaze
+
+        report = demo_dehaze(args.out or "runs/demo-dehaze", minutes=args.minutes, progress=not args.quiet)
+    else:
+        from .translation import demo_translation
+
+        report = demo_translation(args.out or "runs/demo-translate", minutes=args.minutes, progress=not args.quiet)
+    print(Path(report).read_text())
+    print(f"report: {report}")
+    return 0
+
+
+def cmd_presets(args) -> int:
+    from .config import PRESET_DIR, list_presets
+
+    for name in list_presets():
+        first = (PRESET_DIR / f"{name}.yaml").read_text().splitlines()[0].lstrip("# ")
+        print(f"{name:24s} {first}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="lowcon", description="Contrastive learning for low-level vision.")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    t = sub.add_parser("train", help="train a preset or config file (see `lowcon presets`)")
+    t.add_argument("config", help="preset name (aecrnet, cut, ...) or a YAML file")
+    t.add_argument("--data", help="data folder (overrides the config's `data`)")
+    t.add_argument("--run-dir", dest="run_dir")
+    t.add_argument("--steps", type=int)
+    t.add_argument("--device")
+    t.add_argument("--set", action="append", metavar="KEY=VALUE", help="override any config key")
+    t.add_argument("--resume", action="store_true", help="continue the run in run_dir from last.pt")
+    t.set_defaults(func=cmd_train)
+
+    e = sub.add_parser("eval", help="PSNR/SSIM of dehazers on pairs, or FID/KID of a translation run")
+    e.add_argument("--data", help="folder with hazy/ and clear/")
+    e.add_argument("--model", nargs="+", default=["shipped"], help="shipped | dcp | hazy | checkpoint path(s)")
+    e.add_argument("--layout", default="auto", choices=["auto", "reside", "same-name"])
+    e.add_argument("--protocol", default="ffa", help="ffa (default), skimage, y, dehazeformer")
+    e.add_argument("--out", help="folder for per-image CSVs and summary.md")
+    e.add_argument("--tile", type=int, default=0)
+    e.add_argument("--device", default="cpu")
+    e.add_argument("--run", help="translation run folder (FID/KID over its saved epochs)")
+    e.add_argument("--real", help="target-domain images (e.g. testB)")
+    e.add_argument("--test", help="source images to translate (e.g. testA)")
+    e.add_argument("--inception-weights", dest="inception_weights")
+    e.set_defaults(func=cmd_eval)
+
+    d = sub.add_parser("dehaze", help="dehaze image files and folders")
+    d.add_argument("inputs", nargs="+")
+    d.add_argument("-o", "--output", required=True)
+    d.add_argument("--model", default="shipped", help="shipped (default) or a checkpoint path")
+    d.add_argument("--method", default="aecrnet", choices=["aecrnet", "dcp"])
+    d.add_argument("--device", default="cpu", help="cpu, cuda, auto")
+    d.add_argument("--batch-size", type=int, default=1, dest="batch_size")
+    d.add_argument("--tile", type=int, default=0, help="tile side for huge images (0 = automatic)")
+    d.add_argument("--on-error", default="skip", choices=["skip", "raise"], dest="on_error")
+    d.set_defaults(func=cmd_dehaze)
+
+    tr = sub.add_parser("translate", help="translate image files and folders with a CUT/FastCUT/CycleGAN checkpoint")
+    tr.add_argument("inputs", nargs="+")
+    tr.add_argument("-o", "--output", required=True)
+    tr.add_argument("--checkpoint", required=True)
+    tr.add_argument("--direction", default="AtoB", choices=["AtoB", "BtoA"])
+    tr.add_argument("--device", default="cpu")
+    tr.add_argument("--batch-size", type=int, default=1, dest="batch_size")
+    tr.add_argument("--on-error", default="skip", choices=["skip", "raise"], dest="on_error")
+    tr.set_defaults(func=cmd_translate)
+
+    s = sub.add_parser("synth-haze", help="make a paired hazy/clear set from clear images")
+    s.add_argument("clear_dir")
+    s.add_argument("-o", "--output", required=True)
+    s.add_argument("--setting", default="ots", choices=["ots", "its"])
+    s.add_argument("--per-image", type=int, default=1, dest="per_image")
+    s.add_argument("--depth", help="folder of depth maps (.npy or 16-bit PNG, same stem)")
+    s.add_argument("--disparity", help="folder of disparity maps (same stem)")
+    s.add_argument("--seed", type=int, default=0)
+    s.set_defaults(func=cmd_synth_haze)
+
+    m = sub.add_parser("demo", help="the embedded-data demos: dehaze (AECR-Net + CR) or translate (CUT/FastCUT)")
+    m.add_argument("task", nargs="?", default="dehaze", choices=["dehaze", "translate"])
+    m.add_argument("--out")
+    m.add_argument("--minutes", type=float, default=3.0)
+    m.set_defaults(func=cmd_demo)
+
+    pr = sub.add_parser("presets", help="list the shipped config presets")
+    pr.set_defaults(func=cmd_presets)
+    return p
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    from .config import ConfigError
+    from .contrast.embeddings import WeightsNotFoundError
+    from .training import CheckpointError, TrainingDiverged
+
+    try:
+        return args.func(args)
+    except (ConfigError, CheckpointError, WeightsNotFoundError, TrainingDiverged, FileNotFoundError, ValueError) as err:
+        message = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        print(f"lowcon: error: {message}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("lowcon: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

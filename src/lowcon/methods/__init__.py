@@ -1,0 +1,1 @@
+"""Training methods: AECR-Net (CR), CUT / FastCUT / SinCUT, CycleGAN."""

@@ -1,0 +1,278 @@
+"""One training loop for every method: a method plugs in with ``train_step(batch) -> losses``.
+
+The loop owns what every run needs: a data order that a resumed run reproduces exactly, a
+progress bar with ETA, per-term loss logs, validation, sample grids, atomic checkpoints (last
+and best), and a stop on a non-finite loss that keeps the last good checkpoint.
+"""
+from __future__ import annotations
+
+import math
+import random
+import signal
+import time
+from pathlib import Path
+from typing import Callable, Iterator, Optional
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from .checkpoint import load_checkpoint, save_checkpoint
+from .logger import MetricLogger
+
+__all__ = ["Trainer", "TrainingDiverged", "EpochSeededDataset", "epoch_order"]
+
+
+class TrainingDiverged(RuntimeError):
+    """A loss became NaN or infinite; the last good checkpoint is kept."""
+
+
+def epoch_order(n: int, seed: int, epoch: int) -> torch.Tensor:
+    """The permutation of `n` items for one epoch: a function of (seed, epoch) only."""
+    g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    return torch.randperm(n, generator=g)
+
+
+class EpochSeededDataset(Dataset):
+    """Gives each (epoch, index) its own random state, so augmentation replays exactly on resume.
+
+    Items are addressed as ``epoch * len(base) + index``. Datasets with ``set_epoch`` are told
+    the epoch; all run under global RNGs (torch, numpy, random) seeded from (seed, epoch, index)
+    and restored afterwards.
+    """
+
+    def __init__(self, base: Dataset, seed: int) -> None:
+        self.base = base
+        self.seed = seed
+        self.n = len(base)
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, key: int):
+        epoch, index = divmod(int(key), self.n)
+        item_seed = (self.seed * 1_000_003 + epoch) * 1_000_033 + index
+        if hasattr(self.base, "set_epoch"):  # lowcon datasets seed each item by (seed, epoch, index)
+            self.base.set_epoch(epoch)
+        py_state, np_state = random.getstate(), np.random.get_state()
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(item_seed)
+            random.seed(item_seed)
+            np.random.seed(item_seed % 2**32)
+            try:
+                return self.base[index]
+            finally:
+                random.setstate(py_state)
+                np.random.set_state(np_state)
+
+
+class Trainer:
+    """Runs `method` for `steps` optimisation steps over `dataset`.
+
+    Args:
+        method: a :class:`lowcon.methods.base.Method`.
+        dataset: training items (dicts of tensors), batched with `batch_size`, last partial batch
+            dropped.
+        run_dir: where ``last.pt``, ``best.pt``, ``log.csv``, ``config.yaml`` and ``samples/`` go.
+        steps: total optimisation steps.
+        validate: ``fn(method) -> dict of metrics`` run every `val_every` steps; the first key
+            (or `best_metric`) decides ``best.pt`` (higher is better unless `best_mode="min"`).
+        config: the resolved config saved with every checkpoint.
+    """
+
+    def __init__(
+        self,
+        method,
+        dataset: Dataset,
+        run_dir: str | Path,
+        steps: int,
+        batch_size: int = 1,
+        seed: int = 0,
+        num_workers: int = 0,
+        log_every: int = 10,
+        checkpoint_every: int = 100,
+        sample_every: int = 100,
+        val_every: int = 0,
+        validate: Optional[Callable] = None,
+        best_metric: Optional[str] = None,
+        best_mode: str = "max",
+        config: Optional[dict] = None,
+        tensorboard: bool = False,
+        progress: bool = True,
+        sample_batch: Optional[dict] = None,
+    ) -> None:
+        if len(dataset) < batch_size:
+            raise ValueError(f"dataset: {len(dataset)} items, fewer than one batch of {batch_size}")
+        self.method = method
+        self.dataset = EpochSeededDataset(dataset, seed)
+        self.run_dir = Path(run_dir)
+        self.steps = steps
+        self.batch_size = batch_size
+        self.seed = seed
+        self.num_workers = num_workers
+        self.log_every = max(1, log_every)
+        self.checkpoint_every = checkpoint_every
+        self.sample_every = sample_every
+        self.val_every = val_every
+        self.validate = validate
+        self.best_metric = best_metric
+        self.best_mode = best_mode
+        self.config = config or {}
+        self.tensorboard = tensorboard
+        self.progress = progress
+        self.sample_batch = sample_batch
+        self.steps_per_epoch = len(dataset) // batch_size
+        self.step = 0
+        self.best: Optional[float] = None
+        self.history: list[dict] = []
+
+    # -- data -------------------------------------------------------------------------------
+    def _batches(self) -> Iterator[dict]:
+        while self.step < self.steps:
+            epoch, offset = divmod(self.step, self.steps_per_epoch)
+            if hasattr(self.method, "set_epoch"):
+                self.method.set_epoch(epoch)
+            order = epoch_order(len(self.dataset), self.seed, epoch)
+            keys = (order[: self.steps_per_epoch * self.batch_size] + epoch * len(self.dataset)).tolist()
+            loader = DataLoader(
+                _Keys(self.dataset, keys[offset * self.batch_size:]),
+                batch_size=self.batch_size,
+                num_workers=self.num_workers,
+                drop_last=True,
+                # Its own generator: making a loader must not draw from the global RNG, or a
+                # resumed run (which makes one more loader) would diverge from an unbroken one.
+                generator=torch.Generator().manual_seed(self.seed + epoch),
+            )
+            for batch in loader:
+                yield batch
+                if self.step >= self.steps:
+                    return
+
+    # -- checkpoints ------------------------------------------------------------------------
+    def _state(self) -> dict:
+        return {
+            "method": self.method.name,
+            "step": self.step,
+            "steps": self.steps,
+            "best": self.best,
+            "config": self.config,
+            "model": self.method.state_dict(),
+            "training": self.method.training_state_dict(),
+            "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()},
+        }
+
+    def save(self, name: str = "last.pt") -> Path:
+        return save_checkpoint(self.run_dir / name, self._state())
+
+    def resume(self, path: Optional[str | Path] = None) -> int:
+        path = Path(path) if path is not None else self.run_dir / "last.pt"
+        state = load_checkpoint(path, method=self.method.name)
+        self.method.load_state_dict(state["model"])
+        self.method.load_training_state_dict(state["training"])
+        self.step = int(state["step"])
+        self.best = state.get("best")
+        rng = state["rng"]
+        torch.set_rng_state(rng["torch"])
+        np.random.set_state(rng["numpy"])
+        random.setstate(rng["python"])
+        return self.step
+
+    # -- the loop ---------------------------------------------------------------------------
+    def fit(self, resume: bool | str | Path = False) -> dict:
+        if resume:
+            self.resume(None if resume is True else resume)
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        logger = MetricLogger(self.run_dir, self.tensorboard, resume_step=self.step if resume else None)
+        bar = _progress(self.steps, self.step, self.progress)
+        interrupted = {"flag": False}
+        previous = signal.getsignal(signal.SIGTERM)
+
+        def on_term(signum, frame):  # a scheduler's kill: stop after the step, checkpointed
+            interrupted["flag"] = True
+
+        try:
+            signal.signal(signal.SIGTERM, on_term)
+        except ValueError:  # not in the main thread
+            previous = None
+        last_good = self.step
+        started, window, window_steps = time.time(), {}, 0
+        try:
+            for batch in self._batches():
+                losses = self.method.train_step(batch)
+                bad = [k for k, v in losses.items() if not math.isfinite(float(v))]
+                if bad:
+                    where = self.run_dir / "last.pt"
+                    kept = f"last good checkpoint: {where} (step {last_good})" if where.exists() else "no checkpoint written yet"
+                    raise TrainingDiverged(f"step {self.step + 1}: loss {bad[0]!r} is {float(losses[bad[0]])}; stopped, {kept}")
+                self.step += 1
+                window_steps += 1
+                for k, v in losses.items():
+                    window.setdefault(k, []).append(float(v))
+                if self.step % self.log_every == 0 or self.step == self.steps:
+                    row = {k: sum(v) / len(v) for k, v in window.items()}
+                    row.update(self.method.log_extras())
+                    row["sec_per_step"] = (time.time() - started) / window_steps
+                    logger.log(self.step, row)
+                    self.history.append({"step": self.step, **row})
+                    bar.set_postfix({k: f"{v:.4g}" for k, v in row.items() if k in losses})
+                    window, started, window_steps = {}, time.time(), 0
+                bar.update(1)
+                if self.sample_every and (self.step % self.sample_every == 0 or self.step == self.steps):
+                    self._write_samples(batch)
+                if self.val_every and self.validate is not None and (self.step % self.val_every == 0 or self.step == self.steps):
+                    self._run_validation(logger)
+                due = self.checkpoint_every and self.step % self.checkpoint_every == 0
+                if due or self.step == self.steps:
+                    self.save("last.pt")
+                    last_good = self.step
+                if interrupted["flag"]:
+                    break
+        except KeyboardInterrupt:
+            # Ctrl-C: keep the finished steps, then stop; `--resume` continues from here.
+            self.save("last.pt")
+            bar.write(f"interrupted at step {self.step}; saved {self.run_dir / 'last.pt'} (resume with --resume)")
+            raise
+        finally:
+            bar.close()
+            logger.close()
+            if previous is not None:
+                signal.signal(signal.SIGTERM, previous)
+        if interrupted["flag"]:
+            self.save("last.pt")
+        return {"step": self.step, "best": self.best, "run_dir": str(self.run_dir)}
+
+    def _run_validation(self, logger: MetricLogger) -> None:
+        metrics = self.validate(self.method)
+        if not metrics:
+            return
+        logger.log(self.step, {f"val_{k}": v for k, v in metrics.items()})
+        key = self.best_metric or next(iter(metrics))
+        value = float(metrics[key])
+        better = self.best is None or (value > self.best if self.best_mode == "max" else value < self.best)
+        if better:
+            self.best = value
+            self.save("best.pt")
+
+    def _write_samples(self, batch: dict) -> None:
+        from ..report import save_grid
+
+        visuals = self.method.visuals(self.sample_batch if self.sample_batch is not None else batch)
+        if visuals:
+            save_grid(visuals, self.run_dir / "samples" / f"step_{self.step:07d}.png")
+
+
+class _Keys(Dataset):
+    def __init__(self, base: Dataset, keys: list[int]) -> None:
+        self.base, self.keys = base, keys
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+    def __getitem__(self, i: int):
+        return self.base[self.keys[i]]
+
+
+def _progress(total: int, initial: int, enabled: bool):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, initial=initial, disable=not enabled, unit="step", dynamic_ncols=True, smoothing=0.1)

@@ -1,0 +1,105 @@
+import csv
+import warnings
+
+import pytest
+import torch
+from PIL import Image
+
+from lowcon.cli import main
+from lowcon.config import from_dict
+from lowcon.data.embedded import write_embedded_dehaze_set
+from lowcon.data.io import read_image
+from lowcon.dehazing import DehazeConfig, build_dehaze_method, dehaze_paths, load_dehazer, train_dehaze
+from lowcon.training import load_checkpoint
+
+
+@pytest.fixture(scope="module")
+def embedded(tmp_path_factory):
+    return write_embedded_dehaze_set(tmp_path_factory.mktemp("data") / "set", size=32, per_image=2)
+
+
+def tiny_cfg(splits, run_dir, **kw):
+    base = dict(data=str(splits["train"]), val_data=str(splits["val"]), layout="reside", crop=16, batch_size=2,
+                ngf=8, beta=0.1, vgg_weights="random", steps=4, log_every=1, val_every=2, sample_every=2,
+                checkpoint_every=2, run_dir=str(run_dir), device="cpu")
+    base.update(kw)
+    return from_dict(DehazeConfig, base)
+
+
+def test_loss_is_l1_plus_beta_cr_recomputed_independently(embedded, tmp_path):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        method = build_dehaze_method(tiny_cfg(embedded, tmp_path, beta=0.3))
+    hazy, clear = torch.rand(2, 3, 16, 16), torch.rand(2, 3, 16, 16)
+    torch.manual_seed(0)
+    terms = method.losses(hazy, clear)
+    with torch.no_grad():
+        out = method.net(hazy)
+        vgg = method.cr.embedding
+        fo, fc, fh = vgg(out), vgg(clear), vgg(hazy)
+        weights = [1 / 32, 1 / 16, 1 / 8, 1 / 4, 1.0]
+        cr = sum(w * (a - c).abs().mean() / ((a - h).abs().mean() + 1e-7) for w, a, c, h in zip(weights, fo, fc, fh))
+        l1 = (out - clear).abs().mean()
+    assert terms["l1"].item() == pytest.approx(l1.item(), rel=1e-5)
+    assert terms["cr"].item() == pytest.approx(cr.item(), rel=1e-4)
+    assert terms["total"].item() == pytest.approx(l1.item() + 0.3 * cr.item(), rel=1e-4)
+
+
+def test_train_resume_eval_dehaze_end_to_end(embedded, tmp_path):
+    run = tmp_path / "run"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        train_dehaze(tiny_cfg(embedded, run, steps=2), progress=False)
+        train_dehaze(tiny_cfg(embedded, run, steps=4), resume=True, progress=False)
+    state = load_checkpoint(run / "last.pt", method="aecrnet")
+    assert state["step"] == 4 and "vgg" not in str(list(state["model"]["net"])[:3])
+    assert sum(v.numel() for v in state["model"]["net"].values()) < 300_000  # no VGG inside
+    rows = list(csv.DictReader(open(run / "log.csv")))
+    assert {"l1", "cr", "beta_cr", "total", "lr_net"} <= set(rows[0])
+    assert any(r.get("val_psnr") for r in rows) and (run / "best.pt").is_file()
+    assert (run / "config.yaml").is_file() and list((run / "samples").glob("*.png"))
+    # The cosine schedule reaches 0 at the last step.
+    assert float([r for r in rows if r.get("lr_net")][-1]["lr_net"]) == pytest.approx(0.0, abs=1e-12)
+
+    # eval through the CLI: per-image CSV + summary, protocol named.
+    out = tmp_path / "eval"
+    assert main(["--quiet", "eval", "--data", str(embedded["val"]), "--model", "hazy", "dcp", str(run / "last.pt"),
+                 "--out", str(out)]) == 0
+    summary = (out / "summary.md").read_text()
+    assert "ffa" in summary and "hazy input" in summary and "Dark Channel" in summary
+    per_image = list(csv.DictReader(open(out / "scores_last.csv")))
+    assert len(per_image) == 2 and per_image[0]["protocol"] == "ffa"
+
+
+def test_dehaze_any_size_corrupt_and_dcp(embedded, tmp_path):
+    src = tmp_path / "in"
+    src.mkdir()
+    Image.new("RGB", (45, 31), (120, 130, 140)).save(src / "odd.jpg")
+    Image.new("L", (20, 18), 90).save(src / "grey.png")
+    (src / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"\x00" * 20)
+    with pytest.warns(UserWarning, match="broken.png"):
+        written = dehaze_paths([str(src)], tmp_path / "out", source="dcp", progress=False)
+    sizes = {p.stem: read_image(p).shape for p in written}
+    assert sizes == {"odd": (3, 31, 45), "grey": (3, 18, 20)}
+    with pytest.raises(Exception, match="broken.png"):
+        dehaze_paths([str(src / "broken.png")], tmp_path / "out2", source="dcp", on_error="raise", progress=False)
+
+
+def test_cli_errors_are_one_line(tmp_path, capsys):
+    assert main(["dehaze", str(tmp_path / "missing.png"), "-o", str(tmp_path / "o"), "--method", "dcp"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "missing.png" in err
+    assert main(["train", "aecrnet", "--data", str(tmp_path / "nothing")]) == 2
+    assert "nothing/hazy: no such folder" in capsys.readouterr().err
+    (tmp_path / "c.yaml").write_text("method: aecrnet\nbta: 0.1\n")
+    assert main(["train", str(tmp_path / "c.yaml")]) == 2
+    assert "unknown key 'bta'" in capsys.readouterr().err
+    assert main(["eval", "--data", str(tmp_path), "--model", str(tmp_path / "c.yaml")]) == 2
+
+
+def test_load_dehazer_rejects_other_checkpoints(tmp_path):
+    from lowcon.training import save_checkpoint
+
+    save_checkpoint(tmp_path / "cut.pt", {"method": "cut", "model": {}})
+    with pytest.raises(Exception, match="method 'cut', not 'aecrnet'"):
+        load_dehazer(str(tmp_path / "cut.pt"))

@@ -1,0 +1,108 @@
+import csv
+import math
+
+import pytest
+import torch
+from torch import nn
+from torch.utils.data import Dataset
+
+from lowcon.methods.base import Method
+from lowcon.training import CheckpointError, Trainer, TrainingDiverged, epoch_order, load_checkpoint
+
+
+class Noisy(Dataset):
+    """Items whose values come from the global RNG, as a random augmentation would."""
+
+    def __init__(self, n=10):
+        self.n = n
+
+    def __len__(self):
+        return self.n
+
+    def __getitem__(self, i):
+        return {"x": torch.full((3,), float(i)) + torch.rand(3), "i": i}
+
+
+class LinearFit(Method):
+    name = "linear"
+
+    def __init__(self, nan_at=None):
+        super().__init__()
+        torch.manual_seed(0)
+        self.net = nn.Linear(3, 1)
+        self.optimizers["net"] = torch.optim.Adam(self.net.parameters(), lr=0.05)
+        self.schedulers["net"] = torch.optim.lr_scheduler.StepLR(self.optimizers["net"], 3, 0.5)
+        self.seen = []
+        self.nan_at = nan_at
+        self.calls = 0
+
+    def checkpoint_modules(self):
+        return {"net": self.net}
+
+    def train_step(self, batch):
+        self.calls += 1
+        self.seen.append(batch["i"].tolist())
+        noise = torch.rand(1)  # model-side randomness, restored on resume
+        loss = (self.net(batch["x"]).squeeze(1) - batch["x"].sum(1) * noise).pow(2).mean()
+        if self.nan_at is not None and self.calls == self.nan_at:
+            loss = loss * float("nan")
+        opt = self.optimizers["net"]
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        self.schedulers["net"].step()
+        return {"mse": loss.item()}
+
+
+def make(tmp_path, steps, **kw):
+    method = LinearFit(**{k: v for k, v in kw.items() if k == "nan_at"})
+    trainer = Trainer(method, Noisy(), tmp_path, steps=steps, batch_size=3, seed=1, log_every=1,
+                      checkpoint_every=2, sample_every=0, progress=False)
+    return method, trainer
+
+
+def test_epoch_order_is_a_function_of_seed_and_epoch():
+    assert torch.equal(epoch_order(10, 1, 2), epoch_order(10, 1, 2))
+    assert not torch.equal(epoch_order(10, 1, 2), epoch_order(10, 1, 3))
+    assert sorted(epoch_order(10, 1, 0).tolist()) == list(range(10))
+
+
+def test_resume_continues_exactly(tmp_path):
+    full, trainer = make(tmp_path / "full", 8)
+    trainer.fit()
+    half, trainer = make(tmp_path / "split", 5)
+    trainer.fit()
+    resumed, trainer = make(tmp_path / "split", 8)
+    trainer.fit(resume=True)
+    assert half.seen + resumed.seen == full.seen  # same data order, across an epoch boundary
+    for a, b in zip(full.net.parameters(), resumed.net.parameters()):
+        assert torch.equal(a, b)
+    assert resumed.optimizers["net"].param_groups[0]["lr"] == full.optimizers["net"].param_groups[0]["lr"]
+    # The log of the resumed run holds each step once.
+    rows = list(csv.DictReader(open(tmp_path / "split" / "log.csv")))
+    assert [int(r["step"]) for r in rows] == list(range(1, 9))
+
+
+def test_nan_stops_and_keeps_last_good_checkpoint(tmp_path):
+    method, trainer = make(tmp_path, 10, nan_at=5)
+    with pytest.raises(TrainingDiverged, match=r"step 5: loss 'mse' is nan.*step 4"):
+        trainer.fit()
+    state = load_checkpoint(tmp_path / "last.pt", method="linear")
+    assert state["step"] == 4
+    assert all(math.isfinite(v.abs().sum().item()) for v in state["model"]["net"].values())
+
+
+def test_checkpoint_checks(tmp_path):
+    _, trainer = make(tmp_path, 2)
+    trainer.fit()
+    with pytest.raises(CheckpointError, match="method 'linear', not 'cut'"):
+        load_checkpoint(tmp_path / "last.pt", method="cut")
+    (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(CheckpointError, match="junk.pt: not a readable checkpoint"):
+        load_checkpoint(tmp_path / "junk.pt")
+    assert not list(tmp_path.glob("*.tmp")) and not list(tmp_path.glob(".*.tmp"))
+
+
+def test_dataset_smaller_than_batch(tmp_path):
+    with pytest.raises(ValueError, match="fewer than one batch"):
+        Trainer(LinearFit(), Noisy(2), tmp_path, steps=1, batch_size=3)
