@@ -70,6 +70,15 @@ def test_train_resume_eval_dehaze_end_to_end(embedded, tmp_path):
     per_image = list(csv.DictReader(open(out / "scores_last.csv")))
     assert len(per_image) == 2 and per_image[0]["protocol"] == "ffa"
 
+    # The demo's report on this run: table with every row, grid and curves written.
+    from lowcon.demo_dehaze import write_dehaze_report
+
+    report = write_dehaze_report(tmp_path / "report", run, embedded["val"], minutes=0.1, steps=4)
+    text = report.read_text()
+    assert "| hazy input (do nothing) |" in text and "| DCP |" in text and "this run (4 steps)" in text
+    assert (tmp_path / "report" / "comparison.png").stat().st_size > 0
+    assert (tmp_path / "report" / "loss_curves.png").stat().st_size > 0
+
 
 def test_dehaze_any_size_corrupt_and_dcp(embedded, tmp_path):
     src = tmp_path / "in"

@@ -65,7 +65,10 @@ def cmd_eval(args) -> int:
     from .dehazing import evaluate_dehazer, load_dehazer
 
     root = Path(args.data)
-    dataset = PairedDehazeDataset(root / "hazy", root / "clear", layout=args.layout, on_error="raise")
+    ids = None
+    if args.ids:
+        ids = [line.strip() for line in Path(args.ids).read_text().splitlines() if line.strip()]
+    dataset = PairedDehazeDataset(root / "hazy", root / "clear", layout=args.layout, on_error="raise", ids=ids)
     out = Path(args.out) if args.out else None
     results = []
     for source in args.model:
@@ -134,6 +137,16 @@ def cmd_demo(args) -> int:
     return 0
 
 
+def cmd_export(args) -> int:
+    from .training import load_checkpoint, save_checkpoint
+
+    state = load_checkpoint(args.checkpoint)
+    slim = {k: state[k] for k in ("method", "step", "config", "model") if k in state}
+    out = save_checkpoint(args.output, slim)
+    print(f"wrote {out} ({out.stat().st_size / 1e6:.1f} MB: weights and config, no optimiser state)")
+    return 0
+
+
 def cmd_presets(args) -> int:
     from .config import PRESET_DIR, list_presets
 
@@ -162,6 +175,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--data", help="folder with hazy/ and clear/")
     e.add_argument("--model", nargs="+", default=["shipped"], help="shipped | dcp | hazy | checkpoint path(s)")
     e.add_argument("--layout", default="auto", choices=["auto", "reside", "same-name"])
+    e.add_argument("--ids", help="file of scene IDs to score, one per line (e.g. a run's val_ids.txt)")
     e.add_argument("--protocol", default="ffa", help="ffa (default), skimage, y, dehazeformer")
     e.add_argument("--out", help="folder for per-image CSVs and summary.md")
     e.add_argument("--tile", type=int, default=0)
@@ -208,6 +222,11 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--out")
     m.add_argument("--minutes", type=float, default=3.0)
     m.set_defaults(func=cmd_demo)
+
+    x = sub.add_parser("export", help="strip a run checkpoint to weights + config for inference")
+    x.add_argument("checkpoint")
+    x.add_argument("-o", "--output", required=True)
+    x.set_defaults(func=cmd_export)
 
     pr = sub.add_parser("presets", help="list the shipped config presets")
     pr.set_defaults(func=cmd_presets)

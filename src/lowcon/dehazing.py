@@ -156,9 +156,9 @@ def train_dehaze(cfg: DehazeConfig, resume: bool = False, progress: bool = True)
     run_dir.mkdir(parents=True, exist_ok=True)
     save_config(cfg, run_dir / "config.yaml")
     if val_set is not None:
-        (run_dir / "split.txt").write_text(
-            "val scene IDs: " + " ".join(sorted({val_set[i]["id"] for i in range(len(val_set))})) + "\n"
-        )
+        # The validation scene IDs, one per line: `lowcon eval --ids val_ids.txt` scores the same split.
+        ids = sorted(set(getattr(val_set, "scene_ids", [])))
+        (run_dir / "val_ids.txt").write_text("".join(f"{i}\n" for i in ids))
 
     def validate(m: AECRTraining) -> dict:
         if val_set is None:
