@@ -38,6 +38,7 @@ def test_file_then_overrides_and_round_trip(tmp_path):
     path.write_text("lr: 0.5\nsteps: 3\n")
     cfg = load_config(Small, path, parse_overrides(["steps=7", "weights=[1, 1]"]))
     assert (cfg.lr, cfg.steps, cfg.weights) == (0.5, 7, (1.0, 1.0))
+    assert load_config(Small, path, parse_overrides(["weights=0.5,4"])).weights == (0.5, 4.0)
     save_config(cfg, tmp_path / "saved.yaml")
     assert load_config(Small, tmp_path / "saved.yaml") == cfg
     with pytest.raises(ConfigError, match="KEY=VALUE"):

@@ -34,6 +34,8 @@ def cmd_train(args) -> int:
         value = getattr(args, key, None)
         if value is not None:
             overrides[key] = value
+    if ("dir_a" in overrides or "dir_b" in overrides) and "data" not in overrides:
+        overrides["data"] = None  # two domain folders replace the preset's data root
     method = overrides.get("method") or read_yaml(path).get("method", "aecrnet")
     cfg = load_config(_config_class(method), path, overrides)
     if method in DEHAZE_METHODS:

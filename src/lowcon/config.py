@@ -80,6 +80,8 @@ def _coerce(name: str, value: Any, hint: Any, source: str) -> Any:
             raise ConfigError(f"{source}: {name}: {value!r} is not one of {list(args)}")
         return value
     if origin in (tuple, list):
+        if isinstance(value, str) and "," in value:  # `--set nce_layers=0,4,8` from a shell
+            value = [yaml.safe_load(v) for v in value.split(",")]
         if not isinstance(value, (list, tuple)):
             value = [value]
         item = args[0] if args else Any

@@ -10,8 +10,13 @@ __all__ = ["PatchProjector", "DeferredOptimizer", "l2_normalize"]
 
 
 def l2_normalize(x: Tensor, dim: int = -1, eps: float = 1e-7) -> Tensor:
-    """x / (||x||_2 + eps) along `dim`, as the official CUT `Normalize(2)` computes it."""
-    return x / (x.pow(2).sum(dim, keepdim=True).sqrt() + eps)
+    """x / (||x||_2 + eps) along `dim`, as the official CUT `Normalize(2)` computes it.
+
+    The squared norm is clamped at 1e-30 before the square root: the values are unchanged (eps
+    dominates there), but a patch whose MLP output is exactly zero (every hidden ReLU off) gets
+    a finite gradient instead of the official 0 * inf = NaN that ruins the head for good.
+    """
+    return x / (x.pow(2).sum(dim, keepdim=True).clamp_min(1e-30).sqrt() + eps)
 
 
 class PatchProjector(nn.Module):

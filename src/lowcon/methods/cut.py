@@ -1,0 +1,393 @@
+"""CUT, FastCUT and SinCUT training: a generator, a PatchGAN and PatchNCE between input and output.
+
+One class covers the three, as the official ``cut_model.py`` / ``sincut_model.py`` do by options:
+
+- CUT: ``lambda_NCE=1``, ``nce_idt=True`` (PatchNCE also between real_B and G(real_B)),
+  G loss = lambda_GAN * GAN + lambda_NCE * (NCE_X + NCE_Y) / 2.
+- FastCUT: ``lambda_NCE=10``, ``nce_idt=False``, ``flip_equivariance=True``,
+  G loss = lambda_GAN * GAN + lambda_NCE * NCE_X.
+- SinCUT: CUT plus an R1 gradient penalty on D (``lambda_R1``), an L1 identity loss
+  ``lambda_identity * |G(real_B) - real_B|`` and negatives from the whole minibatch. The official
+  SinCUT uses StyleGAN2 networks; here it runs on the networks it is given (lowcon's presets use
+  the ResNet generator and the PatchGAN, see ``configs/sincut.yaml``).
+
+Each step updates D first on the detached fakes, then G and the projection head together, as
+the official ``optimize_parameters``. Data come in [0, 1] and are mapped to [-1, 1] here. Logged
+terms are unweighted (``G_GAN``, ``NCE_X``, ``NCE_Y``, ``idt``, ``D_real``, ``D_fake``, ``D_R1``);
+``G`` and ``D`` are the weighted totals that are back-propagated. The official logs multiply
+G_GAN and NCE by their lambdas.
+
+The learning rate follows the official linear rule (constant for ``n_epochs``, then linear to 0
+over ``n_epochs_decay``) evaluated per step instead of per epoch; the method is told
+``steps_per_epoch`` by whoever builds it. The schedule is a scheduler in ``self.schedulers``, so
+the trainer saves and restores it.
+"""
+from __future__ import annotations
+
+from typing import Callable, Iterable, Literal, Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from lowcon.contrast.patchnce import PatchNCELoss
+from lowcon.contrast.projector import PatchProjector
+from lowcon.contrast.sampler import PatchSampler
+from lowcon.models.gan_loss import GAN_MODES, GANLoss
+from lowcon.methods.base import Method
+
+__all__ = ["CUT", "TranslationMethod", "LinearDecaySchedule", "linear_decay_factor", "set_requires_grad"]
+
+DIRECTIONS = ("AtoB", "BtoA")
+
+
+def linear_decay_factor(step: int, constant_steps: int, decay_steps: int) -> float:
+    """Learning-rate factor of step `step` (0-based): 1 for `constant_steps`, then linear to 0.
+
+    The official rule ``1 - max(0, epoch + 1 - n_epochs) / (n_epochs_decay + 1)`` with steps in
+    place of epochs: the last step runs at 1 / (decay_steps + 1) and the factor reaches 0 right
+    after it.
+    """
+    return max(0.0, 1.0 - max(0, step + 1 - constant_steps) / float(decay_steps + 1))
+
+
+class LinearDecaySchedule:
+    """Sets the lr of every param group of several optimisers from the number of steps done.
+
+    Works with optimisers whose parameters appear late (:class:`DeferredOptimizer`): the lr is
+    written on every step, never accumulated. ``state_dict`` holds the step count only.
+    """
+
+    def __init__(self, optimizers: Iterable, base_lr: float, constant_steps: int, decay_steps: int) -> None:
+        if constant_steps < 0 or decay_steps < 0:
+            raise ValueError(f"constant_steps, decay_steps: must be >= 0, got {constant_steps}, {decay_steps}")
+        self.optimizers = list(optimizers)
+        self.base_lr = float(base_lr)
+        self.constant_steps = int(constant_steps)
+        self.decay_steps = int(decay_steps)
+        self.last_step = 0
+        self.apply()
+
+    @property
+    def factor(self) -> float:
+        return linear_decay_factor(self.last_step, self.constant_steps, self.decay_steps)
+
+    def apply(self) -> None:
+        lr = self.base_lr * self.factor
+        for opt in self.optimizers:
+            for group in opt.param_groups:
+                group["lr"] = lr
+
+    def step(self) -> None:
+        self.last_step += 1
+        self.apply()
+
+    def get_last_lr(self) -> list[float]:
+        return [self.base_lr * self.factor]
+
+    def state_dict(self) -> dict:
+        return {"last_step": self.last_step, "constant_steps": self.constant_steps, "decay_steps": self.decay_steps}
+
+    def load_state_dict(self, state: dict) -> None:
+        if (state["constant_steps"], state["decay_steps"]) != (self.constant_steps, self.decay_steps):
+            raise ValueError(
+                "schedule: the checkpoint's schedule has "
+                f"{state['constant_steps']} + {state['decay_steps']} steps, this run {self.constant_steps} + "
+                f"{self.decay_steps} (changed epochs, batch size or data?)"
+            )
+        self.last_step = int(state["last_step"])
+        self.apply()
+
+
+def set_requires_grad(nets: nn.Module | Sequence[nn.Module], flag: bool) -> None:
+    for net in [nets] if isinstance(nets, nn.Module) else nets:
+        for p in net.parameters():
+            p.requires_grad_(flag)
+
+
+class TranslationMethod(Method):
+    """What CUT and CycleGAN share: [0, 1] <-> [-1, 1], direction, the step-based linear schedule,
+    and hooks the pipeline uses to save epoch weights and check samples.
+
+    Hooks: ``epoch_end_hooks`` are called with the 1-based number of each epoch just finished;
+    ``visual_hooks`` with ``(visuals, steps_done)`` every time `visuals` runs.
+    """
+
+    def __init__(
+        self, *, lr: float, n_epochs: int, n_epochs_decay: int, steps_per_epoch: int, direction: str
+    ) -> None:
+        super().__init__()
+        if direction not in DIRECTIONS:
+            raise ValueError(f"direction: expected one of {DIRECTIONS}, got {direction!r}")
+        if steps_per_epoch < 1:
+            raise ValueError(f"steps_per_epoch: must be >= 1, got {steps_per_epoch}")
+        if n_epochs < 0 or n_epochs_decay < 0 or n_epochs + n_epochs_decay < 1:
+            raise ValueError(f"n_epochs, n_epochs_decay: need >= 0 and a sum >= 1, got {n_epochs}, {n_epochs_decay}")
+        if lr <= 0:
+            raise ValueError(f"lr: must be > 0, got {lr}")
+        self.lr = lr
+        self.n_epochs, self.n_epochs_decay = n_epochs, n_epochs_decay
+        self.steps_per_epoch = steps_per_epoch
+        self.direction = direction
+        self.epoch_end_hooks: list[Callable[[int], None]] = []
+        self.visual_hooks: list[Callable[[dict, int], None]] = []
+
+    @property
+    def total_steps(self) -> int:
+        return (self.n_epochs + self.n_epochs_decay) * self.steps_per_epoch
+
+    @property
+    def steps_done(self) -> int:
+        return self.schedulers["lr"].last_step
+
+    def _start_schedule(self) -> None:
+        self.schedulers["lr"] = LinearDecaySchedule(
+            self.optimizers.values(), self.lr,
+            self.n_epochs * self.steps_per_epoch, self.n_epochs_decay * self.steps_per_epoch,
+        )
+
+    def _finish_step(self) -> None:
+        self.schedulers["lr"].step()
+        done = self.steps_done
+        if done % self.steps_per_epoch == 0:
+            for hook in self.epoch_end_hooks:
+                hook(done // self.steps_per_epoch)
+
+    def _domains(self, batch: dict) -> tuple[Tensor, Tensor]:
+        """(real_A, real_B) in [-1, 1] on the method's device, swapped for ``BtoA``."""
+        key_a, key_b = ("A", "B") if self.direction == "AtoB" else ("B", "A")
+        device = self.device
+        return batch[key_a].to(device) * 2 - 1, batch[key_b].to(device) * 2 - 1
+
+    def _run_visual_hooks(self, visuals: dict[str, Tensor]) -> dict[str, Tensor]:
+        for hook in self.visual_hooks:
+            hook(visuals, self.steps_done)
+        return visuals
+
+
+def _to_unit(x: Tensor) -> Tensor:
+    return ((x + 1) / 2).clamp(0, 1)
+
+
+class CUT(TranslationMethod):
+    """CUT / FastCUT / SinCUT training of `generator` against `discriminator`.
+
+    Args:
+        generator: a network with ``forward`` and ``forward_features(x, layers)`` (e.g.
+            :class:`lowcon.models.resnet_generator.ResnetGenerator`), on the training device.
+        discriminator: PatchGAN (or any network giving logits), on the same device.
+        projector: the PatchNCE head; default a :class:`PatchProjector` (one MLP per layer
+            of width `netF_nc`, xavier init with `init_gain`), built at once from
+            ``generator.feature_channels`` (or lazily if the generator cannot tell).
+        lambda_GAN, lambda_NCE: weights of the adversarial and PatchNCE terms.
+        nce_idt: PatchNCE between real_B and G(real_B) too (CUT); the two NCE terms are averaged.
+        nce_layers: generator layers for PatchNCE (default ``generator.nce_layers``).
+        num_patches: locations per layer (256; 0 = all).
+        nce_T: temperature (0.07).
+        nce_negatives: "image" (other patches of the same image) or "batch" (SinCUT).
+        flip_equivariance: FastCUT: with p = 0.5 per step the input of G is flipped left-right and
+            the features of the output are flipped back before PatchNCE (official behaviour:
+            fake_B itself stays flipped, the keys come from the unflipped real_A).
+        lambda_R1: R1 penalty ``lambda_R1 / 2 * E|grad_x D(real_B)|^2`` (SinCUT: 1).
+        lambda_identity: weight of L1(G(real_B), real_B) (SinCUT: 1; computed in [-1, 1]).
+        gan_mode: "lsgan" (CUT), "nonsaturating" (SinCUT), "vanilla" or "hinge".
+        lr, betas: Adam for G, D and the head (2e-4, (0.5, 0.999)).
+        n_epochs, n_epochs_decay, steps_per_epoch: the linear schedule.
+        direction: "AtoB" translates batch["A"] to look like batch["B"]; "BtoA" swaps them.
+        netF_nc, init_gain: width and init gain of the default projection head.
+
+    Example:
+        >>> from lowcon.models.resnet_generator import ResnetGenerator
+        >>> from lowcon.models.patch_discriminator import PatchDiscriminator
+        >>> cut = CUT(ResnetGenerator(ngf=8, n_blocks=1, nce_layers=(0, 4, 8, 12)), PatchDiscriminator(ndf=8))
+        >>> losses = cut.train_step({"A": torch.rand(1, 3, 32, 32), "B": torch.rand(1, 3, 32, 32)})
+        >>> sorted(losses)
+        ['D', 'D_fake', 'D_real', 'G', 'G_GAN', 'NCE_X', 'NCE_Y']
+
+    Reference:
+        Park et al., Contrastive Learning for Unpaired Image-to-Image Translation, ECCV 2020;
+        official ``models/cut_model.py`` and ``models/sincut_model.py``.
+    """
+
+    name = "cut"
+
+    def __init__(
+        self,
+        generator: nn.Module,
+        discriminator: nn.Module,
+        projector: Optional[PatchProjector] = None,
+        *,
+        lambda_GAN: float = 1.0,
+        lambda_NCE: float = 1.0,
+        nce_idt: bool = True,
+        nce_layers: Optional[Sequence[int]] = None,
+        num_patches: int = 256,
+        nce_T: float = 0.07,
+        nce_negatives: Literal["image", "batch"] = "image",
+        flip_equivariance: bool = False,
+        lambda_R1: float = 0.0,
+        lambda_identity: float = 0.0,
+        gan_mode: str = "lsgan",
+        lr: float = 2e-4,
+        betas: Sequence[float] = (0.5, 0.999),
+        n_epochs: int = 200,
+        n_epochs_decay: int = 200,
+        steps_per_epoch: int = 1,
+        direction: str = "AtoB",
+        netF_nc: int = 256,
+        init_gain: float = 0.02,
+    ) -> None:
+        super().__init__(lr=lr, n_epochs=n_epochs, n_epochs_decay=n_epochs_decay,
+                         steps_per_epoch=steps_per_epoch, direction=direction)
+        for name, value in (("lambda_GAN", lambda_GAN), ("lambda_NCE", lambda_NCE),
+                            ("lambda_R1", lambda_R1), ("lambda_identity", lambda_identity)):
+            if value < 0:
+                raise ValueError(f"{name}: must be >= 0, got {value}")
+        if lambda_GAN == 0 and lambda_NCE == 0 and lambda_identity == 0:
+            raise ValueError("lambda_GAN, lambda_NCE, lambda_identity: all 0, nothing to train")
+        if gan_mode not in GAN_MODES:
+            raise ValueError(f"gan_mode: expected one of {GAN_MODES}, got {gan_mode!r}")
+        if not hasattr(generator, "forward_features"):
+            raise TypeError("generator: needs forward_features(x, layers) for PatchNCE (e.g. ResnetGenerator)")
+        self.G = generator
+        self.D = discriminator
+        self.nce_layers = tuple(nce_layers if nce_layers is not None else generator.nce_layers)
+        if projector is None:
+            channels = generator.feature_channels(self.nce_layers) if hasattr(generator, "feature_channels") else None
+            projector = PatchProjector(dim=netF_nc, in_channels=channels, init_gain=init_gain)
+            projector.to(next(generator.parameters()).device)
+        self.F = projector
+        self.lambda_GAN, self.lambda_NCE = lambda_GAN, lambda_NCE
+        self.nce_idt, self.flip_equivariance = nce_idt, flip_equivariance
+        self.lambda_R1, self.lambda_identity = lambda_R1, lambda_identity
+        self.sampler = PatchSampler(num_patches)
+        self.nce = PatchNCELoss(temperature=nce_T, negatives=nce_negatives)
+        self.gan = GANLoss(gan_mode)
+
+        betas = tuple(betas)
+        self.optimizers["G"] = torch.optim.Adam(self.G.parameters(), lr=lr, betas=betas)
+        self.optimizers["D"] = torch.optim.Adam(self.D.parameters(), lr=lr, betas=betas)
+        self.optimizers["F"] = self.F.make_optimizer(lambda params: torch.optim.Adam(params, lr=lr, betas=betas))
+        self._start_schedule()
+
+    # -- what the trainer asks for ---------------------------------------------------------------
+    def checkpoint_modules(self) -> dict[str, nn.Module]:
+        return {"G": self.G, "D": self.D, "F": self.F}
+
+    def inference_module(self) -> nn.Module:
+        return self.G
+
+    @property
+    def needs_idt(self) -> bool:
+        return self.nce_idt or self.lambda_identity > 0
+
+    # -- the three pieces of a step ------------------------------------------------------------
+    def translate_for_training(self, real_A: Tensor, real_B: Tensor, flip: Optional[bool] = None) -> dict:
+        """G on real_A (and real_B when an identity term needs G(real_B)), in one pass.
+
+        Args:
+            flip: force the flip-equivariance draw (None: draw with p = 0.5 when enabled).
+
+        Returns:
+            {"fake_B", "idt_B" (or None), "flipped"}; images in [-1, 1], fake_B flipped when
+            ``flipped`` (as the official code keeps it).
+        """
+        real = torch.cat([real_A, real_B]) if self.needs_idt else real_A
+        if flip is None:
+            flip = self.flip_equivariance and bool(torch.rand(()) < 0.5)
+        if flip:
+            real = torch.flip(real, dims=[3])
+        fake = self.G(real)
+        n = real_A.shape[0]
+        return {"fake_B": fake[:n], "idt_B": fake[n:] if self.needs_idt else None, "flipped": bool(flip)}
+
+    def nce_loss(self, source: Tensor, output: Tensor, flipped: bool = False) -> Tensor:
+        """PatchNCE between the generator's features of `output` (queries) and of `source` (keys),
+        averaged over the NCE layers; `flipped` flips the query features back first."""
+        feat_q = self.G.forward_features(output, self.nce_layers)
+        if flipped:
+            feat_q = [torch.flip(f, dims=[3]) for f in feat_q]
+        # The keys are detached inside the loss, so they need no graph.
+        with torch.no_grad():
+            feat_k = self.G.forward_features(source, self.nce_layers)
+        patches_k, ids = self.sampler(feat_k)
+        patches_q, _ = self.sampler(feat_q, ids=ids)
+        with torch.no_grad():
+            keys = self.F(patches_k)
+        queries = self.F(patches_q)
+        total = sum(self.nce(q, k) for q, k in zip(queries, keys))
+        return total / len(self.nce_layers)
+
+    def discriminator_losses(self, fake_B: Tensor, real_B: Tensor) -> dict[str, Tensor]:
+        """D_fake, D_real, (D_R1) and D = 0.5 * (D_fake + D_real) + D_R1."""
+        losses = {"D_fake": self.gan(self.D(fake_B.detach()), False)}
+        real = real_B.detach().requires_grad_(self.lambda_R1 > 0)
+        pred_real = self.D(real)
+        losses["D_real"] = self.gan(pred_real, True)
+        total = 0.5 * (losses["D_fake"] + losses["D_real"])
+        if self.lambda_R1 > 0:
+            (grad,) = torch.autograd.grad(pred_real.sum(), real, create_graph=True)
+            losses["D_R1"] = grad.pow(2).flatten(1).sum(1).mean() * 0.5
+            total = total + self.lambda_R1 * losses["D_R1"]
+        losses["D"] = total
+        return losses
+
+    def generator_losses(self, real_A: Tensor, real_B: Tensor, passed: dict) -> dict[str, Tensor]:
+        """G_GAN, NCE_X, NCE_Y (with nce_idt), idt (with lambda_identity) and the weighted total G."""
+        losses: dict[str, Tensor] = {}
+        total = real_A.new_zeros(())
+        if self.lambda_GAN > 0:
+            losses["G_GAN"] = self.gan(self.D(passed["fake_B"]), True, for_discriminator=False)
+            total = total + self.lambda_GAN * losses["G_GAN"]
+        if self.lambda_NCE > 0:
+            losses["NCE_X"] = self.nce_loss(real_A, passed["fake_B"], passed["flipped"])
+            nce = losses["NCE_X"]
+            if self.nce_idt:
+                losses["NCE_Y"] = self.nce_loss(real_B, passed["idt_B"], passed["flipped"])
+                nce = (nce + losses["NCE_Y"]) * 0.5
+            total = total + self.lambda_NCE * nce
+        if self.lambda_identity > 0:
+            idt_B = passed["idt_B"]
+            if passed["flipped"]:
+                idt_B = torch.flip(idt_B, dims=[3])
+            losses["idt"] = F.l1_loss(idt_B, real_B)
+            total = total + self.lambda_identity * losses["idt"]
+        losses["G"] = total
+        return losses
+
+    def discriminator_step(self, fake_B: Tensor, real_B: Tensor) -> dict[str, float]:
+        set_requires_grad(self.D, True)
+        self.optimizers["D"].zero_grad()
+        losses = self.discriminator_losses(fake_B, real_B)
+        losses["D"].backward()
+        self.optimizers["D"].step()
+        return {k: float(v.detach()) for k, v in losses.items()}
+
+    def generator_step(self, real_A: Tensor, real_B: Tensor, passed: dict) -> dict[str, float]:
+        set_requires_grad(self.D, False)  # G's loss goes through D; D's grads are not wanted
+        try:
+            self.optimizers["G"].zero_grad()
+            self.optimizers["F"].zero_grad()
+            losses = self.generator_losses(real_A, real_B, passed)
+            losses["G"].backward()
+            self.optimizers["G"].step()
+            self.optimizers["F"].step()
+        finally:
+            set_requires_grad(self.D, True)
+        return {k: float(v.detach()) for k, v in losses.items()}
+
+    def train_step(self, batch: dict) -> dict[str, float]:
+        real_A, real_B = self._domains(batch)
+        passed = self.translate_for_training(real_A, real_B)
+        logged = self.discriminator_step(passed["fake_B"], real_B)
+        logged.update(self.generator_step(real_A, real_B, passed))
+        self._finish_step()
+        return logged
+
+    @torch.no_grad()
+    def visuals(self, batch: dict) -> dict[str, Tensor]:
+        real_A, real_B = self._domains(batch)
+        shown = {"real_A": _to_unit(real_A), "fake_B": _to_unit(self.G(real_A)), "real_B": _to_unit(real_B)}
+        if self.needs_idt:
+            shown["idt_B"] = _to_unit(self.G(real_B))
+        return self._run_visual_hooks(shown)

@@ -1,0 +1,318 @@
+"""The translation pipeline: configs, exact resume, translate, checkpoint errors, evaluation, collapse."""
+import shutil
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from PIL import Image
+
+from lowcon.config import ConfigError, load_config, preset_path
+from lowcon.data.embedded import apply_known_transform, write_embedded_translation_set
+from lowcon.data.io import BadImageWarning, ImageReadError, read_image
+from lowcon.training.checkpoint import CheckpointError
+from lowcon.translation import (
+    CollapseWarning,
+    TranslationConfig,
+    collapse_check,
+    evaluate_run,
+    load_translator,
+    train_translation,
+    translate_paths,
+)
+
+
+# Untrained tiny generators give every input the same grey: the collapse check rightly says so.
+pytestmark = pytest.mark.filterwarnings("ignore::lowcon.translation.CollapseWarning")
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> dict:
+    root = tmp_path_factory.mktemp("translation_data")
+    folders = write_embedded_translation_set(root, "sepia", size=24, crops_per_image=3, test_names=("coffee",))
+    return {"root": root, **folders}
+
+
+def tiny_config(folders: dict, run_dir: Path, method: str = "cut", **overrides) -> TranslationConfig:
+    values = dict(method=method, data=str(folders["root"]), run_dir=str(run_dir), load_size=20, crop_size=16,
+                  ngf=4, ndf=4, n_blocks=1, n_layers_D=2, nce_layers=(0, 4, 8, 12), num_patches=16,
+                  batch_size=4, n_epochs=1, n_epochs_decay=1, log_every=1, sample_every=0, checkpoint_every=0,
+                  save_epoch_every=1, device="cpu")
+    if method == "fastcut":
+        values.update(lambda_NCE=10.0, nce_idt=False, flip_equivariance=True)
+    if method == "cyclegan":
+        values.update(pool_size=50, lambda_identity=0.5, antialias=False, antialias_up=False)
+    values.update(overrides)
+    return TranslationConfig(**values)
+
+
+@pytest.fixture(scope="module")
+def cut_run(data, tmp_path_factory) -> dict:
+    """A 3-epoch CUT run (12 train images, batch 4: 3 steps an epoch), samples every 2 steps."""
+    run_dir = tmp_path_factory.mktemp("cut_run") / "run"
+    cfg = tiny_config(data, run_dir, n_epochs=2, n_epochs_decay=1, sample_every=2)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        train_translation(cfg, progress=False)
+    return {"dir": run_dir, "cfg": cfg, "warnings": [w for w in caught if issubclass(w.category, CollapseWarning)]}
+
+
+@pytest.fixture(scope="module")
+def cyclegan_checkpoint(data, tmp_path_factory) -> Path:
+    run_dir = tmp_path_factory.mktemp("cyclegan_run") / "run"
+    train_translation(tiny_config(data, run_dir, "cyclegan", n_epochs=1, n_epochs_decay=0, batch_size=12), progress=False)
+    return run_dir / "last.pt"
+
+
+# -- configs -------------------------------------------------------------------------------------
+
+
+def test_presets_load_with_the_official_defaults():
+    cut = load_config(TranslationConfig, preset_path("cut"))
+    assert (cut.lambda_GAN, cut.lambda_NCE, cut.nce_idt, cut.num_patches, cut.nce_T) == (1.0, 1.0, True, 256, 0.07)
+    assert (cut.n_epochs, cut.n_epochs_decay, cut.lr, cut.beta1, cut.beta2) == (200, 200, 2e-4, 0.5, 0.999)
+    assert (cut.batch_size, cut.load_size, cut.crop_size, cut.flip, cut.pool_size) == (1, 286, 256, True, 0)
+    assert cut.nce_layers == (0, 4, 8, 12, 16) and cut.data == "datasets/horse2zebra"
+    fast = load_config(TranslationConfig, preset_path("fastcut"))
+    assert (fast.lambda_NCE, fast.nce_idt, fast.flip_equivariance, fast.n_epochs, fast.n_epochs_decay) == (
+        10.0, False, True, 150, 50)
+    sin = load_config(TranslationConfig, preset_path("sincut"))
+    assert (sin.lambda_R1, sin.lambda_identity, sin.nce_negatives, sin.num_patches, sin.gan_mode) == (
+        1.0, 1.0, "batch", 1, "nonsaturating")
+    assert (sin.lambda_NCE, sin.lr, sin.beta1, sin.beta2, sin.batch_size, sin.crop_size) == (4.0, 0.002, 0.0, 0.99, 16, 64)
+    cyc = load_config(TranslationConfig, preset_path("cyclegan"))
+    assert (cyc.n_epochs, cyc.n_epochs_decay, cyc.pool_size, cyc.lambda_A, cyc.lambda_B, cyc.lambda_identity) == (
+        100, 100, 50, 10.0, 10.0, 0.5)
+    assert cyc.data == "datasets/horse2zebra"
+
+
+@pytest.mark.parametrize("overrides, key", [
+    ({"method": "cyclegan", "flip_equivariance": True}, "flip_equivariance"),
+    ({"pool_size": 50}, "pool_size"),
+    ({"n_blocks": 1}, "nce_layers"),  # layer 16 is past the encoder of a 1-block generator
+    ({"dir_a": "x", "dir_b": "y"}, "data"),
+    ({"load_size": 100}, "load_size"),
+    ({"lambda_NCE": -1.0}, "lambda_NCE"),
+])
+def test_bad_combinations_are_one_line_errors_naming_the_key(overrides, key):
+    with pytest.raises(ConfigError, match=key) as err:
+        load_config(TranslationConfig, preset_path("cut"), overrides)
+    assert "\n" not in str(err.value)
+
+
+# -- training ------------------------------------------------------------------------------------
+
+
+def _tensors(state) -> dict:
+    out = {}
+    for name, module in state.items():
+        for key, value in module.items():
+            out[f"{name}.{key}"] = value
+    return out
+
+
+@pytest.mark.parametrize("method, extra", [
+    ("cut", {"flip_equivariance": True}),  # exercises every random draw: crops, patches, flips
+    ("cyclegan", {}),                      # and the image pools
+])
+def test_resume_continues_exactly(data, tmp_path, method, extra):
+    # 12 images, batch 4: 3 steps an epoch, 4 epochs (2 constant + 2 decaying) = 12 steps.
+    settings = dict(sample_every=4, n_epochs=2, n_epochs_decay=2, **extra)
+    train_translation(tiny_config(data, tmp_path / "full", method, **settings), progress=False)
+    # The same run in three pieces: N/2 steps, then a stop in the middle of an epoch, then the rest.
+    parts = tiny_config(data, tmp_path / "parts", method, max_steps=6, **settings)
+    train_translation(parts, progress=False)
+    assert torch.load(tmp_path / "parts" / "last.pt", weights_only=False)["step"] == 6
+    parts.max_steps = 8
+    train_translation(parts, resume=True, progress=False)
+    parts.max_steps = 0
+    train_translation(parts, resume=True, progress=False)
+
+    a = torch.load(tmp_path / "full" / "last.pt", weights_only=False)
+    b = torch.load(tmp_path / "parts" / "last.pt", weights_only=False)
+    assert a["step"] == b["step"] == 12
+    weights_a, weights_b = _tensors(a["model"]), _tensors(b["model"])
+    assert weights_a.keys() == weights_b.keys()
+    assert all(torch.equal(weights_a[k], weights_b[k]) for k in weights_a)
+    for epoch in ("epoch_002.pt", "epoch_004.pt"):
+        epoch_a = torch.load(tmp_path / "full" / "epochs" / epoch, weights_only=False)["generator"]
+        epoch_b = torch.load(tmp_path / "parts" / "epochs" / epoch, weights_only=False)["generator"]
+        assert all(torch.equal(epoch_a[n][k], epoch_b[n][k]) for n in epoch_a for k in epoch_a[n])
+    rows_a = (tmp_path / "full" / "log.csv").read_text().splitlines()
+    rows_b = (tmp_path / "parts" / "log.csv").read_text().splitlines()
+    drop_time = lambda rows: [r.rsplit(",", 1)[0] for r in rows]  # sec_per_step is the last column
+    assert drop_time(rows_a) == drop_time(rows_b)
+
+
+def test_run_writes_config_epochs_samples_and_logs_every_term(cut_run):
+    run_dir = cut_run["dir"]
+    saved = yaml.safe_load((run_dir / "config.yaml").read_text())
+    assert saved["method"] == "cut" and saved["nce_layers"] == [0, 4, 8, 12]
+    assert sorted(p.name for p in (run_dir / "epochs").glob("*.pt")) == ["epoch_001.pt", "epoch_002.pt", "epoch_003.pt"]
+    header = (run_dir / "log.csv").read_text().splitlines()[0].split(",")
+    assert {"G_GAN", "NCE_X", "NCE_Y", "D_real", "D_fake", "D", "G", "lr_G"} <= set(header)
+    assert len(list((run_dir / "samples").glob("*.png"))) >= 4
+    # A fresh generator maps every input to the same grey: the sample-time check says so, in the log too.
+    assert cut_run["warnings"], "expected a collapse warning from the untrained generator"
+    log = (run_dir / "train.log").read_text()
+    assert all(str(w.message).split(": ", 1)[1] in log for w in cut_run["warnings"])
+
+
+def test_an_existing_run_is_never_overwritten_and_resume_checks_the_config(data, cut_run, tmp_path):
+    run_dir = cut_run["dir"]
+    before = (run_dir / "last.pt").read_bytes()
+    with pytest.raises(FileExistsError, match="resume"):
+        train_translation(cut_run["cfg"], progress=False)
+    changed = tiny_config(data, run_dir, n_epochs=2, n_epochs_decay=1, lambda_NCE=2.0)
+    with pytest.raises(CheckpointError, match="lambda_NCE"):
+        train_translation(changed, resume=True, progress=False)
+    assert (run_dir / "last.pt").read_bytes() == before
+
+
+def test_empty_domain_folder_is_a_one_line_error(data, tmp_path):
+    empty_a, full_b = tmp_path / "A", tmp_path / "B"
+    empty_a.mkdir()
+    shutil.copytree(data["trainB"], full_b)
+    cfg = tiny_config(data, tmp_path / "run", data=None, dir_a=str(empty_a), dir_b=str(full_b))
+    with pytest.raises((FileNotFoundError, ValueError), match=str(empty_a)) as err:
+        train_translation(cfg, progress=False)
+    assert "\n" not in str(err.value)
+
+
+def test_sincut_trains_from_two_image_files(data, tmp_path):
+    image_a = sorted(Path(data["trainA"]).iterdir())[0]
+    image_b = sorted(Path(data["trainB"]).iterdir())[0]
+    cfg = tiny_config(data, tmp_path / "sin", "sincut", data=None, dir_a=str(image_a), dir_b=str(image_b),
+                      single_image_length=8, lambda_R1=1.0, lambda_identity=1.0, nce_negatives="batch",
+                      num_patches=1, gan_mode="nonsaturating")
+    run_dir = train_translation(cfg, progress=False)
+    header = (run_dir / "log.csv").read_text().splitlines()[0].split(",")
+    assert {"D_R1", "idt", "NCE_Y"} <= set(header)
+    with pytest.raises(ValueError, match="one image per domain"):
+        train_translation(tiny_config(data, tmp_path / "sin2", "sincut", data=None, dir_a=str(data["trainA"]),
+                                      dir_b=str(data["trainB"])), progress=False)
+
+
+# -- translating ---------------------------------------------------------------------------------
+
+
+def _write(path: Path, array: np.ndarray, mode: str) -> Path:
+    Image.fromarray(array, mode=mode).save(path)
+    return path
+
+
+@pytest.fixture
+def odd_inputs(tmp_path) -> Path:
+    rng = np.random.default_rng(0)
+    folder = tmp_path / "inputs"
+    folder.mkdir()
+    _write(folder / "rgb.png", rng.integers(0, 256, (31, 45, 3), dtype=np.uint8), "RGB")
+    _write(folder / "grey.png", rng.integers(0, 256, (20, 17), dtype=np.uint8), "L")
+    _write(folder / "rgba.png", rng.integers(0, 256, (24, 24, 4), dtype=np.uint8), "RGBA")
+    _write(folder / "dot.png", np.zeros((1, 1, 3), dtype=np.uint8), "RGB")
+    (folder / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"not really a png")
+    return folder
+
+
+def test_translate_keeps_sizes_reads_grey_and_rgba_and_reports_bad_files(cut_run, odd_inputs, tmp_path):
+    checkpoint = cut_run["dir"] / "last.pt"
+    with pytest.warns(BadImageWarning) as caught:
+        written = translate_paths([odd_inputs], tmp_path / "out", checkpoint, batch_size=2)
+    reported = [str(w.message) for w in caught if issubclass(w.category, BadImageWarning)]
+    assert len(reported) == 2 and all("\n" not in m for m in reported)
+    assert any("broken.png" in m for m in reported) and any("dot.png" in m for m in reported)
+    assert sorted(p.name for p in written) == ["grey.png", "rgb.png", "rgba.png"]
+    for name, size in (("rgb.png", (45, 31)), ("grey.png", (17, 20)), ("rgba.png", (24, 24))):
+        with Image.open(tmp_path / "out" / name) as image:
+            assert image.size == size and image.mode == "RGB"
+    # The written file is the generator's output on the [-1, 1] input, to 8 bits.
+    generator, _ = load_translator(checkpoint)
+    with torch.no_grad():
+        expected = (generator(read_image(odd_inputs / "rgb.png")[None] * 2 - 1)[0] + 1) / 2
+    assert (read_image(tmp_path / "out" / "rgb.png") - expected.clamp(0, 1)).abs().max() <= 0.5 / 255 + 1e-6
+    with pytest.raises(ImageReadError, match="broken.png"):
+        translate_paths([odd_inputs / "broken.png"], tmp_path / "out2", checkpoint, on_error="raise")
+
+
+def test_translate_never_overwrites_its_inputs(cut_run, odd_inputs):
+    before = (odd_inputs / "rgb.png").read_bytes()
+    with pytest.raises(ValueError, match="overwrite"):
+        translate_paths([odd_inputs / "rgb.png"], odd_inputs, cut_run["dir"] / "last.pt")
+    assert (odd_inputs / "rgb.png").read_bytes() == before
+
+
+def test_checkpoints_of_another_method_version_or_damaged_are_clear_errors(cut_run, cyclegan_checkpoint, tmp_path):
+    with pytest.raises(CheckpointError, match="'cyclegan', not 'cut'") as err:
+        load_translator(cyclegan_checkpoint, method="cut")
+    assert "\n" not in str(err.value)
+    with pytest.raises(CheckpointError, match="'cut', not 'fastcut'"):
+        load_translator(cut_run["dir"] / "epochs" / "epoch_001.pt", method="fastcut")
+    generator_b, cfg = load_translator(cyclegan_checkpoint, direction="BtoA")
+    assert cfg.method == "cyclegan" and not generator_b.training
+    with pytest.raises(ValueError, match="one direction"):
+        load_translator(cut_run["dir"] / "last.pt", direction="BtoA")
+
+    damaged = tmp_path / "damaged.pt"
+    damaged.write_bytes((cut_run["dir"] / "last.pt").read_bytes()[:2000])
+    with pytest.raises(CheckpointError, match="not a readable checkpoint"):
+        load_translator(damaged)
+    state = torch.load(cut_run["dir"] / "last.pt", weights_only=False)
+    state["config"]["option_of_a_later_lowcon"] = 1
+    torch.save(state, tmp_path / "other_version.pt")
+    with pytest.raises(CheckpointError, match="another lowcon version"):
+        load_translator(tmp_path / "other_version.pt")
+    state["lowcon_checkpoint"] = 99
+    torch.save(state, tmp_path / "newer.pt")
+    with pytest.raises(CheckpointError, match="newer"):
+        load_translator(tmp_path / "newer.pt")
+
+
+# -- evaluation and collapse ---------------------------------------------------------------------
+
+
+def colour_features(x: torch.Tensor) -> torch.Tensor:
+    return torch.cat([x.mean(dim=(2, 3)), x.std(dim=(2, 3))], dim=1)
+
+
+def test_evaluate_run_reports_best_and_last_epoch(cut_run, data):
+    result = evaluate_run(cut_run["dir"], data["testB"], data["testA"], metric_fn=colour_features)
+    labels = [row["label"] for row in result["rows"]]
+    assert labels == ["epoch 1", "epoch 2", "epoch 3"]
+    lines = Path(result["csv"]).read_text().splitlines()[1:]
+    fids = [float(line.split(",")[2]) for line in lines]
+    assert result["best"]["label"] == labels[int(np.argmin(fids))]
+    assert result["last"]["label"] == "epoch 3"
+    report = Path(result["report"]).read_text()
+    assert f"**Best epoch** (lowest FID, what papers report): {result['best']['label']}" in report
+    assert "**Last epoch** (what a finished run gives you): epoch 3" in report
+    assert len(list((cut_run["dir"] / "eval" / "epoch_2").glob("*.png"))) == 3
+
+
+def test_collapse_check_flags_identical_and_identity_outputs_and_is_quiet_otherwise(data):
+    inputs = torch.stack([read_image(p) for p in sorted(Path(data["trainA"]).iterdir())[:4]])
+    others = torch.stack([read_image(p) for p in sorted(Path(data["trainA"]).iterdir())[4:8]])
+    target_domain = apply_known_transform("sepia", others)
+
+    same = inputs[:1].expand_as(inputs).clone()
+    messages = collapse_check(inputs, same, targets=target_domain)
+    assert len(messages) == 1 and "near-identical" in messages[0]
+
+    messages = collapse_check(inputs, inputs.clone(), targets=target_domain)
+    assert len(messages) == 1 and "nearly the inputs" in messages[0]
+    # Targets with the inputs' own colours: the identity may be the right answer, so no warning.
+    alike = (inputs + 0.002 * torch.randn(inputs.shape, generator=torch.Generator().manual_seed(0))).clamp(0, 1)
+    assert collapse_check(inputs, inputs.clone(), targets=alike) == []
+
+    assert collapse_check(inputs, apply_known_transform("sepia", inputs), targets=target_domain) == []
+    with pytest.raises(ValueError, match="outputs"):
+        collapse_check(inputs, inputs[:, :, :8])
