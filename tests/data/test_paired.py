@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+import os
 from pathlib import Path
 
 import numpy as np
@@ -12,7 +13,8 @@ from PIL import Image
 from lowcon.data.io import BadImageWarning, ImageReadError
 from lowcon.data.paired import HazyFolder, PairedDehazeDataset, scene_ids, split_ids
 
-SHARED = Path("/work/shared/data/dehaze")
+# Real data beside the checkout (../shared/data), or wherever LOWCON_SHARED_DATA points.
+SHARED = Path(os.environ.get("LOWCON_SHARED_DATA", Path(__file__).resolve().parents[3] / "shared" / "data")) / "dehaze"
 
 
 def _save(path: Path, pixels: np.ndarray, fmt: str = "PNG") -> None:
@@ -213,7 +215,7 @@ def test_hazy_folder_reads_by_content_and_skips_broken_files(tmp_path):
 
 def test_shared_benchmarks_pair_completely():
     if not SHARED.is_dir():
-        pytest.skip("shared data absent: /work/shared/data/dehaze")
+        pytest.skip(f"shared data absent: {SHARED}")
     sots = PairedDehazeDataset(SHARED / "sots-outdoor-150" / "hazy", SHARED / "sots-outdoor-150" / "clear", on_error="raise")
     assert sots.layout == "reside" and len(sots) == 150 and len(sots.scene_ids) == 146
     item = sots[0]
