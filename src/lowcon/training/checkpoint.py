@@ -24,6 +24,9 @@ def save_checkpoint(path: str | os.PathLike, state: dict[str, Any]) -> Path:
     os.close(fd)
     try:
         torch.save({"lowcon_checkpoint": FORMAT_VERSION, **state}, tmp)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; a checkpoint is an ordinary file
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
