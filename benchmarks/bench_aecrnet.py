@@ -1,0 +1,446 @@
+"""Speed and memory of AECR-Net training and inference: lowcon, and optionally the official code.
+
+    python benchmarks/bench_aecrnet.py [--official DIR] [--repeats N] [--warmup N] \
+        [--out benchmarks/results/aecrnet.json] [--profile]
+
+Measured, each case in a fresh process (see ``common.py``), 2 torch threads:
+
+- one training step (forward, L1 [+ 0.1 CR with a random-weight VGG-19], backward, Adam) at
+  240x240, batch 2: L1 only and L1 + CR in fp32, then lowcon's speed settings
+  (channels_last, bf16 autocast, torch.compile);
+- inference (eval, no grad, batch 1): images per second at 620x460, peak memory at 1600x1200.
+
+``--official DIR`` is a checkout of github.com/GlassyWu/AECR-Net. Its network imports a
+CUDA-only DCNv2 extension and its constructors call ``.cuda()``; the benchmark process (never
+their files) provides a stand-in ``DCNv2.dcn_v2.DCN`` computed with
+``torchvision.ops.deform_conv2d`` (the same op lowcon uses, so the comparison measures
+everything else), turns ``.cuda()`` into a no-op, and makes ``torchvision.models.vgg19`` return
+random weights (no download). Their step is the one of ``train_aecrnet.py``: L1 + 0.1 *
+``ContrastLoss(out, clear, hazy)``, Adam(1e-4, (0.9, 0.999)).
+"""
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import math
+import sys
+import time
+import types
+from pathlib import Path
+from typing import Optional
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+from common import (fmt, machine_info, machine_line, markdown_table, run_case, run_rounds, time_repeats,
+                    write_json)  # noqa: E402
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+from torch import nn  # noqa: E402
+
+SCRIPT = str(Path(__file__).resolve())
+
+
+# --------------------------------------------------------------------------------------------
+# The official code, made importable on a CPU-only machine (in this process only)
+# --------------------------------------------------------------------------------------------
+class _DCNStandIn(nn.Module):
+    """Stand-in for DCNv2's ``DCN(in, out, kernel_size, stride, padding, dilation=1,
+    deformable_groups=1)``: a conv predicts 2k*k offsets and k*k mask logits (zero init), then a
+    modulated deformable conv. Same parameters and shapes as the CUDA extension; the offset
+    channel order may differ from DCNv2's, which changes no timing."""
+
+    def __init__(self, in_channels, out_channels, kernel_size, stride, padding, dilation=1, deformable_groups=1):
+        super().__init__()
+        kh, kw = (kernel_size, kernel_size) if isinstance(kernel_size, int) else kernel_size
+        self.stride, self.padding, self.dilation = stride, padding, dilation
+        self.weight = nn.Parameter(torch.empty(out_channels, in_channels, kh, kw))
+        self.bias = nn.Parameter(torch.zeros(out_channels))
+        bound = 1.0 / math.sqrt(in_channels * kh * kw)
+        nn.init.uniform_(self.weight, -bound, bound)
+        self.conv_offset_mask = nn.Conv2d(in_channels, deformable_groups * 3 * kh * kw, (kh, kw),
+                                          stride=stride, padding=padding, bias=True)
+        nn.init.zeros_(self.conv_offset_mask.weight)
+        nn.init.zeros_(self.conv_offset_mask.bias)
+
+    def forward(self, x):
+        from torchvision.ops import deform_conv2d
+
+        o1, o2, mask = torch.chunk(self.conv_offset_mask(x), 3, dim=1)
+        return deform_conv2d(x, torch.cat((o1, o2), dim=1), self.weight, self.bias, stride=self.stride,
+                             padding=self.padding, dilation=self.dilation, mask=torch.sigmoid(mask))
+
+
+def _import_file(name: str, path: Path):
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def _load_official(official: str):
+    """(their network module, their CR module) with the CPU shims of this file installed."""
+    models_dir = Path(official) / "models"
+    if not (models_dir / "AECRNet.py").is_file():
+        raise ValueError(f"official: {official} has no models/AECRNet.py (a GlassyWu/AECR-Net checkout?)")
+    nn.Module.cuda = lambda self, device=None: self  # their constructors call .cuda()
+    torch.Tensor.cuda = lambda self, *args, **kwargs: self
+    dcn = types.ModuleType("DCNv2.dcn_v2")
+    dcn.DCN = _DCNStandIn
+    package = types.ModuleType("DCNv2")
+    package.dcn_v2 = dcn
+    sys.modules["DCNv2"], sys.modules["DCNv2.dcn_v2"] = package, dcn
+    import torchvision.models
+
+    random_vgg19 = torchvision.models.vgg19
+    torchvision.models.vgg19 = lambda *args, **kwargs: random_vgg19(weights=None)
+    sys.path.insert(0, str(models_dir))  # `from deconv import FastDeconv`
+    net_module = _import_file("official_aecrnet", models_dir / "AECRNet.py")
+    cr_module = _import_file("official_cr", models_dir / "CR.py")
+    return net_module, cr_module
+
+
+# --------------------------------------------------------------------------------------------
+# Cases (each runs in its own process)
+# --------------------------------------------------------------------------------------------
+def _pair(size: int, batch: int) -> dict:
+    gen = torch.Generator().manual_seed(0)
+    return {"hazy": torch.rand(batch, 3, size, size, generator=gen),
+            "clear": torch.rand(batch, 3, size, size, generator=gen)}
+
+
+def _deform_conv2d_in_fp32(deform_conv2d):
+    """torchvision's CPU deform_conv2d has no bf16 kernel and no CPU autocast rule: run it in fp32."""
+
+    def wrapped(x, offset, weight, bias=None, **kwargs):
+        with torch.autocast(x.device.type, enabled=False):
+            out = deform_conv2d(x.float(), offset.float(), weight.float(),
+                                None if bias is None else bias.float(),
+                                **{k: (v.float() if torch.is_tensor(v) else v) for k, v in kwargs.items()})
+        return out
+
+    return wrapped
+
+
+def train_lowcon(size: int = 240, batch: int = 2, beta: float = 0.1, channels_last: bool = False,
+                 bf16: bool = False, compile: bool = False, dcn_fp32_shim: bool = False,
+                 repeats: int = 5, warmup: int = 2) -> dict:
+    from lowcon.contrast import ContrastiveRegularization, VGG19Features
+    from lowcon.methods.aecr import AECRTraining
+    from lowcon.models import aecrnet as aecrnet_module
+    from lowcon.models.aecrnet import AECRNet
+
+    if dcn_fp32_shim:  # this process only: what bf16 would cost once lowcon's DCN handles autocast
+        aecrnet_module.deform_conv2d = _deform_conv2d_in_fp32(aecrnet_module.deform_conv2d)
+
+    torch.manual_seed(0)
+    net = AECRNet()
+    cr = ContrastiveRegularization(VGG19Features(weights="random")) if beta > 0 else None
+    if compile:
+        net = torch.compile(net)
+        if cr is not None:
+            cr.embedding = torch.compile(cr.embedding)
+    method = AECRTraining(net, cr, beta=beta, total_steps=10_000, channels_last=channels_last,
+                          autocast_dtype=torch.bfloat16 if bf16 else None)
+    batch_ = _pair(size, batch)
+    result = {}
+    if compile:  # the first step compiles forward and backward: timed on its own
+        start = time.perf_counter()
+        method.train_step(batch_)
+        result["compile_seconds"] = time.perf_counter() - start
+    result.update(time_repeats(lambda: method.train_step(batch_), repeats, warmup))
+    return result
+
+
+def train_official(official: str, size: int = 240, batch: int = 2, beta: float = 0.1,
+                   repeats: int = 5, warmup: int = 2) -> dict:
+    net_module, cr_module = _load_official(official)
+    torch.manual_seed(0)
+    net = net_module.Dehaze(3, 3)
+    net.train()
+    contrast = cr_module.ContrastLoss(ablation=False) if beta > 0 else None
+    l1 = nn.L1Loss()
+    optimizer = torch.optim.Adam(filter(lambda p: p.requires_grad, net.parameters()), lr=1e-4,
+                                 betas=(0.9, 0.999), eps=1e-08)
+    data = _pair(size, batch)
+    x, y = data["hazy"], data["clear"]
+
+    def step() -> None:  # train_aecrnet.py, one iteration
+        out = net(x)
+        loss = l1(out, y)
+        if contrast is not None:
+            loss = loss + beta * contrast(out, y, x)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        loss.item()
+
+    return time_repeats(step, repeats, warmup)
+
+
+def infer_lowcon(width: int = 620, height: int = 460, repeats: int = 5, warmup: int = 1) -> dict:
+    from lowcon.dehazing import dehaze_tensor
+    from lowcon.models.aecrnet import AECRNet
+
+    torch.manual_seed(0)
+    net = AECRNet().eval()
+    hazy = torch.rand(1, 3, height, width, generator=torch.Generator().manual_seed(0))
+    result = time_repeats(lambda: dehaze_tensor(net, hazy, size_multiple=4, tile=0), repeats, warmup)
+    result["images_per_s"] = 1.0 / result["seconds_median"]
+    return result
+
+
+def infer_official(official: str, width: int = 620, height: int = 460, repeats: int = 5, warmup: int = 1) -> dict:
+    net_module, _ = _load_official(official)
+    torch.manual_seed(0)
+    net = net_module.Dehaze(3, 3).eval()
+    hazy = torch.rand(1, 3, height, width, generator=torch.Generator().manual_seed(0))
+
+    def run() -> None:
+        with torch.no_grad():
+            net(hazy).clamp(0, 1)
+
+    result = time_repeats(run, repeats, warmup)
+    result["images_per_s"] = 1.0 / result["seconds_median"]
+    return result
+
+
+def profile_train(impl: str, official: Optional[str] = None, size: int = 240, batch: int = 2,
+                  beta: float = 0.1, steps: int = 2, top: int = 15) -> dict:
+    """Top ops (self CPU time) of `steps` training steps after one warm-up step."""
+    from torch.profiler import ProfilerActivity, profile
+
+    if impl == "lowcon":
+        from lowcon.contrast import ContrastiveRegularization, VGG19Features
+        from lowcon.methods.aecr import AECRTraining
+        from lowcon.models.aecrnet import AECRNet
+
+        torch.manual_seed(0)
+        method = AECRTraining(AECRNet(), ContrastiveRegularization(VGG19Features(weights="random")), beta=beta)
+        data = _pair(size, batch)
+        step = lambda: method.train_step(data)  # noqa: E731
+    else:
+        net_module, cr_module = _load_official(official)
+        torch.manual_seed(0)
+        net, contrast = net_module.Dehaze(3, 3), cr_module.ContrastLoss(ablation=False)
+        optimizer = torch.optim.Adam(net.parameters(), lr=1e-4)
+        data = _pair(size, batch)
+
+        def step() -> None:
+            out = net(data["hazy"])
+            loss = F.l1_loss(out, data["clear"]) + beta * contrast(out, data["clear"], data["hazy"])
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad()
+
+    step()
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        for _ in range(steps):
+            step()
+    events = sorted(prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)
+    total = sum(e.self_cpu_time_total for e in events) or 1
+    rows = [{"op": e.key, "self_s": e.self_cpu_time_total / 1e6 / steps, "share": e.self_cpu_time_total / total,
+             "calls": e.count // steps} for e in events[:top]]
+    return {"top_ops": rows, "steps": steps}
+
+
+# --------------------------------------------------------------------------------------------
+# Driver
+# --------------------------------------------------------------------------------------------
+def _ratio(a: Optional[dict], b: Optional[dict], key: str) -> Optional[float]:
+    if not a or not b or key not in a or key not in b or not b[key]:
+        return None
+    return a[key] / b[key]
+
+
+def _cell(result: Optional[dict], key: str, digits: int = 3) -> str:
+    if result is None:
+        return "-"
+    if "error" in result:
+        return f"failed: {result['error'][-90:]}"
+    return fmt(result.get(key), digits)
+
+
+def _above_base(result: Optional[dict]) -> Optional[dict]:
+    """The case's own memory: peak RSS minus the RSS after imports (Python, torch: same for all)."""
+    if not result or "error" in result:
+        return result
+    return {**result, "peak_rss_gb": result["peak_rss_gb"] - result["base_rss_gb"]}
+
+
+def _memory(result: Optional[dict]) -> str:
+    """'peak (above base)' in GB."""
+    if result is None or "error" in result:
+        return "-"
+    return f"{result['peak_rss_gb']:.2f} ({_above_base(result)['peak_rss_gb']:.2f})"
+
+
+def _label(key: str) -> str:
+    parts = key.split("/", 2)
+    return parts[2] if len(parts) == 3 else "fp32"
+
+
+def main(argv: Optional[list[str]] = None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--official", help="a checkout of GlassyWu/AECR-Net (optional)")
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--size", type=int, default=240, help="training crop (square)")
+    p.add_argument("--batch", type=int, default=2)
+    p.add_argument("--infer-size", default="620x460", help="WxH for images per second")
+    p.add_argument("--mem-size", default="1600x1200", help="WxH for inference peak memory")
+    p.add_argument("--no-fast", action="store_true", help="skip channels_last / bf16 / compile")
+    p.add_argument("--no-compile", action="store_true", help="skip torch.compile")
+    p.add_argument("--bf16-repeats", type=int, default=2,
+                   help="timed repeats (after 1 warm-up) of the bf16 cases: slow on CPUs without native bf16")
+    p.add_argument("--compile-timeout", type=float, default=1800, help="seconds before the compile case is given up")
+    p.add_argument("--profile", action="store_true", help="also list the top ops of one CR training step")
+    p.add_argument("--rounds", type=int, default=1,
+                   help="interleaved passes over the cases; each keeps its fastest pass (shared machines)")
+    p.add_argument("--out", default=str(HERE / "results" / "aecrnet.json"))
+    args = p.parse_args(argv)
+    iw, ih = (int(v) for v in args.infer_size.lower().split("x"))
+    mw, mh = (int(v) for v in args.mem_size.lower().split("x"))
+    off = args.official
+    common = dict(size=args.size, batch=args.batch, repeats=args.repeats, warmup=args.warmup)
+
+    def log(text: str) -> None:
+        print(text, file=sys.stderr, flush=True)
+
+    specs = [  # (key, case, kwargs, timeout_s, once): lowcon and official side by side
+        ("train/l1/lowcon", "train_lowcon", dict(beta=0.0, **common), 1800, False),
+        ("train/l1/official", "train_official", dict(official=off, beta=0.0, **common), 1800, False),
+        ("train/cr/lowcon", "train_lowcon", dict(beta=0.1, **common), 1800, False),
+        ("train/cr/official", "train_official", dict(official=off, beta=0.1, **common), 1800, False),
+        ("infer/speed/lowcon", "infer_lowcon", dict(width=iw, height=ih, repeats=args.repeats, warmup=1), 1800, False),
+        ("infer/speed/official", "infer_official", dict(official=off, width=iw, height=ih, repeats=args.repeats,
+                                                        warmup=1), 1800, False),
+        ("infer/memory/lowcon", "infer_lowcon", dict(width=mw, height=mh, repeats=1, warmup=0), 1800, True),
+        ("infer/memory/official", "infer_official", dict(official=off, width=mw, height=mh, repeats=1, warmup=0),
+         1800, True),
+    ]
+    if not off:
+        specs = [spec for spec in specs if not spec[0].endswith("/official")]
+    if not args.no_fast:
+        fast = [("channels_last", dict(channels_last=True)), ("bf16 autocast", dict(bf16=True)),
+                ("channels_last + bf16", dict(channels_last=True, bf16=True)),
+                ("bf16 autocast, DCN in fp32 (benchmark shim)", dict(bf16=True, dcn_fp32_shim=True))]
+        if not args.no_compile:
+            fast.append(("torch.compile", dict(compile=True)))
+        for label, kw in fast:
+            settings = dict(common)
+            if kw.get("bf16"):
+                settings.update(repeats=min(args.repeats, args.bf16_repeats), warmup=1)
+                label += f" [median of {settings['repeats']} after 1 warm-up]"
+            slow = bool(kw.get("bf16") or kw.get("compile"))
+            timeout = args.compile_timeout if kw.get("compile") else 3600
+            specs.append((f"train/cr/lowcon/{label}", "train_lowcon", dict(beta=0.1, **kw, **settings), timeout, slow))
+    measured = run_rounds(SCRIPT, specs, rounds=args.rounds, log=log)
+    results: dict = {"machine": machine_info(), "args": vars(args), "train": {}, "infer": {}}
+    for key, res in measured.items():
+        group, rest = key.split("/", 1)
+        results[group][rest] = res
+    if args.profile:
+        results["profile"] = {"lowcon": run_case(SCRIPT, "profile_train", impl="lowcon", size=args.size,
+                                                 batch=args.batch)}
+        if off:
+            results["profile"]["official"] = run_case(SCRIPT, "profile_train", impl="official", official=off,
+                                                      size=args.size, batch=args.batch)
+    write_json(args.out, results)
+    print(report(results))
+    return results
+
+
+def report(results: dict) -> str:
+    train, infer, a = results["train"], results["infer"], results["args"]
+    has_off = "cr/official" in train
+    lines = [f"Machine: {machine_line(results['machine'])}", ""]
+    lines.append(f"Training step, {a['size']}x{a['size']}, batch {a['batch']}: wall-clock median of {a['repeats']} "
+                 f"steps after {a['warmup']} warm-up, best of {a.get('rounds', 1)} interleaved round(s); "
+                 f"peak = process max RSS, in brackets above the RSS after imports")
+    lines.append("")
+    header = ["case", "lowcon s/step", "lowcon peak GB (above base)"]
+    if has_off:
+        header += ["official s/step", "official peak GB (above base)", "time ratio (CPU time)",
+                   "memory ratio (above base)"]
+
+    def compare(mine: Optional[dict], theirs: Optional[dict]) -> list[str]:
+        mem = fmt(_ratio(mine, theirs, "peak_rss_gb"), 2)
+        own = fmt(_ratio(_above_base(mine), _above_base(theirs), "peak_rss_gb"), 2)
+        wall = fmt(_ratio(mine, theirs, "seconds_median"), 2)
+        cpu = fmt(_ratio(mine, theirs, "cpu_seconds_median"), 2)
+        return [f"{wall} ({cpu})", f"{mem} ({own})"]
+
+    rows = []
+    for key, label in (("l1", "L1, fp32"), ("cr", "L1 + 0.1 CR, fp32")):
+        mine, theirs = train.get(f"{key}/lowcon"), train.get(f"{key}/official")
+        row = [label, _cell(mine, "seconds_median"), _memory(mine)]
+        if has_off:
+            row += [_cell(theirs, "seconds_median"), _memory(theirs)] + compare(mine, theirs)
+        rows.append(row)
+    for key, mine in train.items():
+        if key.startswith("cr/lowcon/"):
+            label = "L1 + 0.1 CR, " + _label(key)
+            if mine and "compile_seconds" in mine:
+                label += f" (first step, compiling: {mine['compile_seconds']:.0f} s)"
+            row = [label, _cell(mine, "seconds_median"), _memory(mine)]
+            if has_off:
+                row += ["", ""] + compare(mine, train["cr/official"])
+            rows.append(row)
+    lines.append(markdown_table(header, rows))
+    l1, cr = train.get("l1/lowcon"), train.get("cr/lowcon")
+    overhead = _ratio(cr, l1, "seconds_median")
+    if overhead:
+        lines += ["", f"CR overhead (lowcon, fp32): x{overhead:.2f} the time of the L1-only step"]
+    if has_off:
+        o = _ratio(train.get("cr/official"), train.get("l1/official"), "seconds_median")
+        if o:
+            lines.append(f"CR overhead (official, fp32): x{o:.2f}")
+    lines += ["", "Inference, batch 1, eval, no grad", ""]
+    header = ["case", "lowcon", "official", "ratio lowcon/official"] if "speed/official" in infer else ["case", "lowcon"]
+    rows = []
+    for key, label, field, digits in (("speed", f"images/s at {a['infer_size']}", "images_per_s", 2),
+                                      ("speed", f"peak GB at {a['infer_size']}", "peak_rss_gb", 2),
+                                      ("memory", f"peak GB at {a['mem_size']}", "peak_rss_gb", 2),
+                                      ("memory", f"seconds at {a['mem_size']}", "seconds_median", 2)):
+        mine, theirs = infer.get(f"{key}/lowcon"), infer.get(f"{key}/official")
+        if field == "peak_rss_gb":
+            row = [label + " (above base)", _memory(mine)]
+            if len(header) > 2:
+                own = fmt(_ratio(_above_base(mine), _above_base(theirs), field), 2)
+                row += [_memory(theirs), f"{fmt(_ratio(mine, theirs, field), 2)} ({own})"]
+        else:
+            row = [label, _cell(mine, field, digits)]
+            if len(header) > 2:
+                row += [_cell(theirs, field, digits), fmt(_ratio(mine, theirs, field), 2)]
+        rows.append(row)
+    lines.append(markdown_table(header, rows))
+    if has_off:
+        lines += ["", "Targets (training step, L1 + 0.1 CR):"]
+        t = _ratio(cr, train.get("cr/official"), "seconds_median")
+        m = _ratio(cr, train.get("cr/official"), "peak_rss_gb")
+        m_own = _ratio(_above_base(cr), _above_base(train.get("cr/official")), "peak_rss_gb")
+        fast = [(k, _ratio(v, train.get("cr/official"), "seconds_median")) for k, v in train.items()
+                if k.startswith("cr/lowcon")]
+        fast = [(k, r) for k, r in fast if r is not None]
+        best = min(fast, key=lambda kr: kr[1]) if fast else (None, None)
+        for text, value, limit in (("fp32 time <= 0.8x", t, 0.8), ("fp32 peak memory <= 0.7x", m, 0.7),
+                                   (f"fastest settings ({_label(best[0] or '')}) time <= 0.5x", best[1], 0.5)):
+            verdict = "-" if value is None else ("met" if value <= limit else "MISSED")
+            lines.append(f"- {text}: {fmt(value, 2)} -> {verdict}")
+        lines.append(f"  (peak memory above the import baseline: {fmt(m_own, 2)})")
+    if "profile" in results:
+        for impl, prof in results["profile"].items():
+            if "top_ops" not in prof:
+                lines += ["", f"Profile ({impl}): {prof.get('error')}"]
+                continue
+            lines += ["", f"Top ops, one L1 + CR step ({impl}), self CPU time", ""]
+            lines.append(markdown_table(["op", "s/step", "share", "calls/step"],
+                                        [[r["op"], fmt(r["self_s"]), f"{100 * r['share']:.1f}%", r["calls"]]
+                                         for r in prof["top_ops"]]))
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()

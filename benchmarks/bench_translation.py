@@ -1,0 +1,187 @@
+"""Speed and memory of one training step of CUT, FastCUT and CycleGAN: lowcon, optionally official.
+
+    python benchmarks/bench_translation.py [--official DIR] [--repeats N] [--warmup N] \
+        [--out benchmarks/results/translation.json]
+
+One step = everything ``train_step`` (lowcon) or ``set_input`` + ``optimize_parameters``
+(official) does for one batch of random 256x256 images, batch 1, with the presets'
+networks (9-block ResNet generator, 3-layer PatchGAN, PatchNCE head of width 256 on 5 layers
+for CUT / FastCUT). Each case runs in a fresh process (see ``common.py``), 2 torch threads.
+
+``--official DIR`` is a checkout of github.com/taesungp/contrastive-unpaired-translation. Its
+models are built in-process from its own option parser (``--gpu_ids -1``) and driven as its
+``train.py`` drives them: ``data_dependent_initialize`` on the first batch (it builds the MLP
+head of CUT), ``setup``, ``parallelize``, then ``set_input`` / ``optimize_parameters``. Its
+``cycle_gan_model.py`` reads ``opt.amp``, which no option defines; the benchmark sets it to
+False on the parsed options. Its CycleGAN is run with the settings of lowcon's cyclegan preset
+(no anti-aliasing, normal init), which are the CycleGAN defaults.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+from pathlib import Path
+from typing import Optional
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+from common import fmt, machine_info, machine_line, markdown_table, run_case, time_repeats, write_json  # noqa: E402
+
+import torch  # noqa: E402
+
+SCRIPT = str(Path(__file__).resolve())
+METHODS = ("cut", "fastcut", "cyclegan")
+# The seed's GPU measurements (s/iter, GB), for the ordering only: these are not CPU numbers.
+SEED_GPU = {"cut": (0.24, 3.33), "fastcut": (0.15, 2.25), "cyclegan": (0.40, 4.81)}
+OFFICIAL_ARGS = {
+    "cut": "--model cut --CUT_mode CUT",
+    "fastcut": "--model cut --CUT_mode FastCUT",
+    "cyclegan": "--model cycle_gan --no_antialias --no_antialias_up --init_type normal",
+}
+
+
+def _images(size: int, batch: int) -> dict:
+    gen = torch.Generator().manual_seed(0)
+    return {"A": torch.rand(batch, 3, size, size, generator=gen),
+            "B": torch.rand(batch, 3, size, size, generator=gen)}
+
+
+def train_lowcon(method: str, size: int = 256, batch: int = 1, repeats: int = 5, warmup: int = 2) -> dict:
+    from lowcon.config import load_config, preset_path
+    from lowcon.translation import TranslationConfig, build_method
+
+    torch.manual_seed(0)
+    cfg = load_config(TranslationConfig, preset_path(method), {"crop_size": size, "batch_size": batch})
+    model = build_method(cfg, steps_per_epoch=1000, device="cpu")
+    data = _images(size, batch)
+    return time_repeats(lambda: model.train_step(data), repeats, warmup)
+
+
+def train_official(official: str, method: str, size: int = 256, batch: int = 1,
+                   repeats: int = 5, warmup: int = 2) -> dict:
+    import numpy as np
+
+    root = Path(official)
+    if not (root / "models" / "cut_model.py").is_file():
+        raise ValueError(f"official: {official} has no models/cut_model.py (a contrastive-unpaired-translation checkout?)")
+    sys.path.insert(0, str(root))
+    from models import create_model
+    from options.train_options import TrainOptions
+
+    torch.manual_seed(0)
+    np.random.seed(0)
+    checkpoints = tempfile.mkdtemp(prefix="bench_cut_")  # print_options writes its opt file there
+    cmd = (f"--dataroot none --name bench --gpu_ids -1 --checkpoints_dir {checkpoints} "
+           f"--crop_size {size} --load_size {size} --batch_size {batch} {OFFICIAL_ARGS[method]}")
+    opt = TrainOptions(cmd_line=cmd).parse()
+    if not hasattr(opt, "amp"):
+        opt.amp = False  # read by their cycle_gan_model.py, defined by no option
+    model = create_model(opt)
+    data = {**_images(size, batch), "A_paths": ["a.png"] * batch, "B_paths": ["b.png"] * batch}
+    # As train.py does on the first batch (CycleGAN's version takes no data).
+    try:
+        model.data_dependent_initialize(data)
+    except TypeError:
+        model.data_dependent_initialize()
+    model.setup(opt)
+    model.parallelize()
+
+    def step() -> None:
+        model.set_input(data)
+        model.optimize_parameters()
+
+    return time_repeats(step, repeats, warmup)
+
+
+def _ratio(a: Optional[dict], b: Optional[dict], key: str) -> Optional[float]:
+    if not a or not b or key not in a or key not in b or not b[key]:
+        return None
+    return a[key] / b[key]
+
+
+def _cell(result: Optional[dict], key: str, digits: int = 3) -> str:
+    if result is None:
+        return "-"
+    if "error" in result:
+        return f"failed: {result['error'][-90:]}"
+    return fmt(result.get(key), digits)
+
+
+def _mem(result: Optional[dict]) -> str:
+    if result is None or "error" in result:
+        return "-"
+    return f"{result['peak_rss_gb']:.2f} ({result['peak_rss_gb'] - result['base_rss_gb']:.2f})"
+
+
+def main(argv: Optional[list[str]] = None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--official", help="a checkout of taesungp/contrastive-unpaired-translation (optional)")
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--size", type=int, default=256)
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--methods", default=",".join(METHODS), help="comma-separated subset of cut,fastcut,cyclegan")
+    p.add_argument("--out", default=str(HERE / "results" / "translation.json"))
+    args = p.parse_args(argv)
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown:
+        p.error(f"--methods: unknown {unknown}; valid: {', '.join(METHODS)}")
+    common = dict(size=args.size, batch=args.batch, repeats=args.repeats, warmup=args.warmup)
+
+    def case(name: str, fn: str, **kw) -> dict:
+        print(f"... {name}", file=sys.stderr, flush=True)
+        res = run_case(SCRIPT, fn, **kw)
+        print(f"    {res if 'error' in res else {k: v for k, v in res.items() if k != 'seconds_all'}}",
+              file=sys.stderr, flush=True)
+        return res
+
+    results: dict = {"machine": machine_info(), "args": vars(args), "lowcon": {}, "official": {}}
+    for m in methods:
+        results["lowcon"][m] = case(f"{m}, lowcon", "train_lowcon", method=m, **common)
+        if args.official:
+            results["official"][m] = case(f"{m}, official", "train_official", official=args.official,
+                                          method=m, **common)
+    write_json(args.out, results)
+    print(report(results))
+    return results
+
+
+def report(results: dict) -> str:
+    a, mine_all, theirs_all = results["args"], results["lowcon"], results["official"]
+    has_off = bool(theirs_all)
+    lines = [f"Machine: {machine_line(results['machine'])}", "",
+             f"One training step, {a['size']}x{a['size']}, batch {a['batch']} (median of {a['repeats']} after "
+             f"{a['warmup']} warm-up; peak = process max RSS, in brackets above the import baseline)", ""]
+    header = ["method", "lowcon s/iter", "lowcon peak GB"]
+    if has_off:
+        header += ["official s/iter", "official peak GB", "time ratio", "memory ratio"]
+    header += ["seed GPU s/iter", "seed GPU GB"]
+    rows = []
+    for m, mine in mine_all.items():
+        row = [m, _cell(mine, "seconds_median"), _mem(mine)]
+        if has_off:
+            theirs = theirs_all.get(m)
+            row += [_cell(theirs, "seconds_median"), _mem(theirs), fmt(_ratio(mine, theirs, "seconds_median"), 2),
+                    fmt(_ratio(mine, theirs, "peak_rss_gb"), 2)]
+        row += [fmt(SEED_GPU[m][0], 2), fmt(SEED_GPU[m][1], 2)]
+        rows.append(row)
+    lines.append(markdown_table(header, rows))
+    lines += ["", "Ordering (seed, GPU: FastCUT < CUT < CycleGAN in time and memory):"]
+    for side, res in (("lowcon", mine_all), ("official", theirs_all)):
+        if not res:
+            continue
+        for key, what in (("seconds_median", "time"), ("peak_rss_gb", "memory")):
+            vals = {m: r.get(key) for m, r in res.items() if r and "error" not in r}
+            if not all(m in vals for m in METHODS):
+                lines.append(f"- {side} {what}: not all three methods measured")
+                continue
+            holds = vals["fastcut"] < vals["cut"] < vals["cyclegan"]
+            lines.append(f"- {side} {what}: fastcut {fmt(vals['fastcut'], 2)} < cut {fmt(vals['cut'], 2)} "
+                         f"< cyclegan {fmt(vals['cyclegan'], 2)} -> {'holds' if holds else 'DOES NOT HOLD'}")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,217 @@
+"""What the benchmarks share: one measurement per fresh process, timing, machine facts, tables.
+
+Every measurement runs in its own child process, so that its peak memory is that process's
+peak resident set size (``getrusage(RUSAGE_SELF).ru_maxrss``) and nothing of an earlier case
+(allocator caches, compiled kernels, imported modules) is counted twice. A case is a plain
+function ``case(**kwargs) -> dict`` in a benchmark script; it times its own work with
+:func:`time_repeats` and returns JSON-able numbers. The child adds the memory figures.
+
+Run a case by hand (prints its JSON)::
+
+    python benchmarks/common.py benchmarks/bench_aecrnet.py:train_lowcon '{"size": 64}'
+"""
+from __future__ import annotations
+
+import datetime
+import importlib.util
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable, Optional, Sequence
+
+__all__ = [
+    "RESULT_MARKER", "peak_rss_gb", "time_repeats", "run_case", "machine_info",
+    "markdown_table", "write_json", "fmt",
+]
+
+RESULT_MARKER = "@@BENCH-RESULT@@ "
+THREADS = 2
+
+
+def peak_rss_gb() -> float:
+    """Peak resident memory of this process so far, in GB (Linux reports kB)."""
+    kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return kb * 1024 / 1e9
+
+
+def time_repeats(fn: Callable[[], Any], repeats: int, warmup: int) -> dict:
+    """Run `fn` `warmup` times untimed, then `repeats` times timed.
+
+    Returns:
+        {"seconds_median", "seconds_all", "cpu_seconds_median", "cpu_seconds_all"}: wall-clock
+        and process CPU time (all threads) per run. The warm-up runs are left out because they
+        pay the one-off costs (allocator growth, oneDNN primitive creation, compilation). CPU
+        time is the cross-check on a shared machine: other work slows the wall clock more.
+    """
+    if repeats < 1 or warmup < 0:
+        raise ValueError(f"repeats, warmup: need >= 1 and >= 0, got {repeats}, {warmup}")
+    for _ in range(warmup):
+        fn()
+    seconds, cpu = [], []
+    for _ in range(repeats):
+        start, start_cpu = time.perf_counter(), time.process_time()
+        fn()
+        seconds.append(time.perf_counter() - start)
+        cpu.append(time.process_time() - start_cpu)
+    return {"seconds_median": statistics.median(seconds), "seconds_all": seconds,
+            "cpu_seconds_median": statistics.median(cpu), "cpu_seconds_all": cpu}
+
+
+def _load_script(path: str):
+    spec = importlib.util.spec_from_file_location(f"_bench_{Path(path).stem}", path)
+    if spec is None or spec.loader is None:
+        raise ValueError(f"script: cannot import {path}")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def _child(target: str, kwargs_json: str) -> None:
+    """Entry of the child process: import the script, run one case, print its JSON last."""
+    import torch
+
+    torch.set_num_threads(THREADS)
+    script, _, name = target.rpartition(":")
+    module = _load_script(script)
+    # What the process holds before the case builds anything (Python, torch, the script).
+    base = peak_rss_gb()
+    result = getattr(module, name)(**json.loads(kwargs_json))
+    result["peak_rss_gb"] = peak_rss_gb()
+    result["base_rss_gb"] = base
+    result["threads"] = torch.get_num_threads()
+    print(RESULT_MARKER + json.dumps(result), flush=True)
+
+
+def run_case(script: str, case: str, timeout_s: float = 1800, **kwargs) -> dict:
+    """Run ``case(**kwargs)`` of benchmark `script` in a fresh Python process.
+
+    Returns:
+        the case's dict plus ``peak_rss_gb`` and ``base_rss_gb`` (after imports), or
+        ``{"error": "..."}`` with the child's last error line when it fails or times out.
+    """
+    cmd = [sys.executable, str(Path(__file__).resolve()), f"{Path(script).resolve()}:{case}", json.dumps(kwargs)]
+    env = dict(os.environ, OMP_NUM_THREADS=str(THREADS), MKL_NUM_THREADS=str(THREADS))
+    # The 1-minute load average before and after: other work on the machine shows up here.
+    load_before = os.getloadavg()[0]
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s, env=env)
+    except subprocess.TimeoutExpired:
+        return {"error": f"timed out after {timeout_s:.0f} s"}
+    for line in reversed(proc.stdout.splitlines()):
+        if line.startswith(RESULT_MARKER):
+            result = json.loads(line[len(RESULT_MARKER):])
+            result["loadavg_1min"] = [round(load_before, 2), round(os.getloadavg()[0], 2)]
+            return result
+    lines = [line for line in (proc.stderr or proc.stdout).strip().splitlines() if line.strip()]
+    return {"error": lines[-1] if lines else f"exit status {proc.returncode}", "stderr_tail": lines[-15:]}
+
+
+def run_rounds(script: str, specs: Sequence[tuple], rounds: int = 1, log: Optional[Callable[[str], None]] = None) -> dict:
+    """Run cases in `rounds` interleaved passes and keep, per case, the least disturbed run.
+
+    Args:
+        specs: ``(key, case, kwargs, timeout_s, once)`` in running order; ``once=True`` cases
+            (slow ones: compilation, emulated bf16) run in the first pass only.
+        rounds: passes over all cases. On a shared machine other jobs come and go; interleaving
+            the lowcon and official cases and keeping each case's fastest pass compares them
+            under the quietest conditions each saw.
+
+    Returns:
+        key -> the result with the smallest ``seconds_median`` (or the last error), plus
+        ``rounds_seconds_median``: every pass's median.
+    """
+    out: dict = {}
+    for r in range(rounds):
+        for key, case, kwargs, timeout_s, once in specs:
+            if once and r > 0:
+                continue
+            if log:
+                log(f"... [{r + 1}/{rounds}] {key}")
+            res = run_case(script, case, timeout_s=timeout_s, **kwargs)
+            if log:
+                log("    " + json.dumps({k: v for k, v in res.items() if not k.endswith("_all")})[:400])
+            prev = out.get(key)
+            medians = (prev or {}).get("rounds_seconds_median", [])
+            if "error" not in res:
+                medians = medians + [res["seconds_median"]]
+            if prev is None or "error" in prev or ("error" not in res and res["seconds_median"] < prev["seconds_median"]):
+                out[key] = res
+            out[key]["rounds_seconds_median"] = medians
+    return out
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def _cpu_flags() -> set[str]:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+def machine_info() -> dict:
+    """Date (UTC), CPU, core count, thread setting and library versions of this run."""
+    import torch
+    import torchvision
+
+    flags = _cpu_flags()
+    return {
+        "date_utc": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M"),
+        "cpu": _cpu_model(),
+        "nproc": os.cpu_count(),
+        "threads": THREADS,
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "native_bf16": bool(flags & {"avx512_bf16", "amx_bf16"}),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "torchvision": torchvision.__version__,
+    }
+
+
+def machine_line(info: dict) -> str:
+    return (f"{info['date_utc']} UTC, {info['cpu']} ({info['nproc']} cores, {info['threads']} torch threads, "
+            f"{info['cpu_capability']}, native bf16: {'yes' if info['native_bf16'] else 'no'}), "
+            f"Python {info['python']}, torch {info['torch']}, torchvision {info['torchvision']}")
+
+
+def fmt(value: Optional[float], digits: int = 3) -> str:
+    if value is None:
+        return "-"
+    return f"{value:.{digits}f}"
+
+
+def markdown_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+    """A GitHub markdown table; cells are written with ``str``."""
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def write_json(path: str | os.PathLike, payload: dict) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(payload, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    if len(sys.argv) != 3:
+        raise SystemExit("usage: python benchmarks/common.py SCRIPT.py:CASE 'JSON kwargs'")
+    _child(sys.argv[1], sys.argv[2])
