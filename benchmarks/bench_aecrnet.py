@@ -6,15 +6,16 @@
 Measured, each case in a fresh process (see ``common.py``), 2 torch threads:
 
 - one training step (forward, L1 [+ 0.1 CR with a random-weight VGG-19], backward, Adam) at
-  240x240, batch 2: L1 only and L1 + CR in fp32, then lowcon's speed settings
-  (channels_last, bf16 autocast, torch.compile);
+  240x240, batch 2: L1 only and L1 + CR in fp32, then lowcon's other settings
+  (activation checkpointing, torchvision's DCN kernel, channels_last, bf16 autocast,
+  torch.compile);
 - inference (eval, no grad, batch 1): images per second at 620x460, peak memory at 1600x1200.
 
 ``--official DIR`` is a checkout of github.com/GlassyWu/AECR-Net. Its network imports a
 CUDA-only DCNv2 extension and its constructors call ``.cuda()``; the benchmark process (never
 their files) provides a stand-in ``DCNv2.dcn_v2.DCN`` computed with
-``torchvision.ops.deform_conv2d`` (the same op lowcon uses, so the comparison measures
-everything else), turns ``.cuda()`` into a no-op, and makes ``torchvision.models.vgg19`` return
+``torchvision.ops.deform_conv2d`` (lowcon's ``dcn_impl="torchvision"``; its default on CPU is
+its own ``sampled_deform_conv2d``), turns ``.cuda()`` into a no-op, and makes ``torchvision.models.vgg19`` return
 random weights (no download). Their step is the one of ``train_aecrnet.py``: L1 + 0.1 *
 ``ContrastLoss(out, clear, hazy)``, Adam(1e-4, (0.9, 0.999)).
 """
@@ -22,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import json
 import math
 import sys
 import time
@@ -110,33 +112,20 @@ def _pair(size: int, batch: int) -> dict:
             "clear": torch.rand(batch, 3, size, size, generator=gen)}
 
 
-def _deform_conv2d_in_fp32(deform_conv2d):
-    """torchvision's CPU deform_conv2d has no bf16 kernel and no CPU autocast rule: run it in fp32."""
-
-    def wrapped(x, offset, weight, bias=None, **kwargs):
-        with torch.autocast(x.device.type, enabled=False):
-            out = deform_conv2d(x.float(), offset.float(), weight.float(),
-                                None if bias is None else bias.float(),
-                                **{k: (v.float() if torch.is_tensor(v) else v) for k, v in kwargs.items()})
-        return out
-
-    return wrapped
-
-
 def train_lowcon(size: int = 240, batch: int = 2, beta: float = 0.1, channels_last: bool = False,
-                 bf16: bool = False, compile: bool = False, dcn_fp32_shim: bool = False,
-                 repeats: int = 5, warmup: int = 2) -> dict:
+                 bf16: bool = False, compile: bool = False, dcn_impl: str = "auto",
+                 activation_checkpointing: bool = False, repeats: int = 5, warmup: int = 2) -> dict:
     from lowcon.contrast import ContrastiveRegularization, VGG19Features
+    from lowcon.dehazing import CHECKPOINT_VGG_SLICES
     from lowcon.methods.aecr import AECRTraining
-    from lowcon.models import aecrnet as aecrnet_module
     from lowcon.models.aecrnet import AECRNet
 
-    if dcn_fp32_shim:  # this process only: what bf16 would cost once lowcon's DCN handles autocast
-        aecrnet_module.deform_conv2d = _deform_conv2d_in_fp32(aecrnet_module.deform_conv2d)
-
     torch.manual_seed(0)
-    net = AECRNet()
-    cr = ContrastiveRegularization(VGG19Features(weights="random")) if beta > 0 else None
+    net = AECRNet(dcn_impl=dcn_impl, checkpoint_blocks=activation_checkpointing)
+    cr = None
+    if beta > 0:  # as lowcon.dehazing.build_dehaze_method builds it
+        slices = CHECKPOINT_VGG_SLICES if activation_checkpointing else 0
+        cr = ContrastiveRegularization(VGG19Features(weights="random", checkpoint_slices=slices))
     if compile:
         net = torch.compile(net)
         if cr is not None:
@@ -245,6 +234,56 @@ def profile_train(impl: str, official: Optional[str] = None, size: int = 240, ba
     return {"top_ops": rows, "steps": steps}
 
 
+def memory_phases(impl: str, official: Optional[str] = None, size: int = 240, batch: int = 2,
+                  beta: float = 0.1, steps: int = 2) -> dict:
+    """Peak RSS (GB) reached after each phase of `steps` training steps: where the memory goes."""
+    from common import peak_rss_gb
+
+    data = _pair(size, batch)
+    hazy, clear = data["hazy"], data["clear"]
+    if impl == "lowcon":
+        from lowcon.contrast import ContrastiveRegularization, VGG19Features
+        from lowcon.methods.aecr import AECRTraining
+        from lowcon.models.aecrnet import AECRNet
+
+        torch.manual_seed(0)
+        cr = ContrastiveRegularization(VGG19Features(weights="random")) if beta > 0 else None
+        method = AECRTraining(AECRNet(), cr, beta=beta)
+        net, optimizer = method.net, method.optimizers["net"]
+
+        def criterion(out):
+            loss = F.l1_loss(out, clear)
+            if cr is not None:
+                positives, negatives = method.sampler(hazy, clear)
+                loss = loss + beta * cr(out, positive=positives, negative=negatives)
+            return loss
+    else:
+        net_module, cr_module = _load_official(official)
+        torch.manual_seed(0)
+        net = net_module.Dehaze(3, 3)
+        contrast = cr_module.ContrastLoss(ablation=False) if beta > 0 else None
+        optimizer = torch.optim.Adam(net.parameters(), lr=1e-4)
+
+        def criterion(out):
+            loss = F.l1_loss(out, clear)
+            return loss + beta * contrast(out, clear, hazy) if contrast is not None else loss
+
+    phases = [("built", peak_rss_gb())]
+    net.train()
+    for i in range(steps):
+        out = net(hazy)
+        phases.append((f"step{i + 1}: network forward", peak_rss_gb()))
+        loss = criterion(out)
+        phases.append((f"step{i + 1}: loss (L1{' + CR' if beta > 0 else ''})", peak_rss_gb()))
+        loss.backward()
+        phases.append((f"step{i + 1}: backward", peak_rss_gb()))
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        phases.append((f"step{i + 1}: optimizer step", peak_rss_gb()))
+        del out, loss
+    return {"phases": phases, "seconds_median": 0.0}
+
+
 # --------------------------------------------------------------------------------------------
 # Driver
 # --------------------------------------------------------------------------------------------
@@ -292,12 +331,15 @@ def main(argv: Optional[list[str]] = None) -> dict:
     p.add_argument("--mem-size", default="1600x1200", help="WxH for inference peak memory")
     p.add_argument("--no-fast", action="store_true", help="skip channels_last / bf16 / compile")
     p.add_argument("--no-compile", action="store_true", help="skip torch.compile")
+    p.add_argument("--no-bf16", action="store_true", help="skip bf16 autocast (emulated, slow, on CPUs without bf16)")
     p.add_argument("--bf16-repeats", type=int, default=2,
                    help="timed repeats (after 1 warm-up) of the bf16 cases: slow on CPUs without native bf16")
     p.add_argument("--compile-timeout", type=float, default=1800, help="seconds before the compile case is given up")
     p.add_argument("--profile", action="store_true", help="also list the top ops of one CR training step")
     p.add_argument("--rounds", type=int, default=1,
                    help="interleaved passes over the cases; each keeps its fastest pass (shared machines)")
+    p.add_argument("--only", help="comma-separated substrings: run only the cases whose key contains one")
+    p.add_argument("--merge", action="store_true", help="update the cases of an existing --out file")
     p.add_argument("--out", default=str(HERE / "results" / "aecrnet.json"))
     args = p.parse_args(argv)
     iw, ih = (int(v) for v in args.infer_size.lower().split("x"))
@@ -323,9 +365,11 @@ def main(argv: Optional[list[str]] = None) -> dict:
     if not off:
         specs = [spec for spec in specs if not spec[0].endswith("/official")]
     if not args.no_fast:
-        fast = [("channels_last", dict(channels_last=True)), ("bf16 autocast", dict(bf16=True)),
-                ("channels_last + bf16", dict(channels_last=True, bf16=True)),
-                ("bf16 autocast, DCN in fp32 (benchmark shim)", dict(bf16=True, dcn_fp32_shim=True))]
+        fast = [("activation_checkpointing", dict(activation_checkpointing=True)),
+                ("DCN by torchvision (dcn_impl=torchvision)", dict(dcn_impl="torchvision")),
+                ("channels_last", dict(channels_last=True))]
+        if not args.no_bf16:
+            fast.append(("bf16 autocast", dict(bf16=True)))
         if not args.no_compile:
             fast.append(("torch.compile", dict(compile=True)))
         for label, kw in fast:
@@ -336,8 +380,15 @@ def main(argv: Optional[list[str]] = None) -> dict:
             slow = bool(kw.get("bf16") or kw.get("compile"))
             timeout = args.compile_timeout if kw.get("compile") else 3600
             specs.append((f"train/cr/lowcon/{label}", "train_lowcon", dict(beta=0.1, **kw, **settings), timeout, slow))
+    if args.only:
+        wanted = [w.strip() for w in args.only.split(",") if w.strip()]
+        specs = [spec for spec in specs if any(w in spec[0] for w in wanted)]
     measured = run_rounds(SCRIPT, specs, rounds=args.rounds, log=log)
     results: dict = {"machine": machine_info(), "args": vars(args), "train": {}, "infer": {}}
+    if args.merge and Path(args.out).is_file():  # keep the other cases of an earlier run
+        earlier = json.loads(Path(args.out).read_text())
+        results = {**earlier, "merged_runs": earlier.get("merged_runs", []) + [
+            {"machine": results["machine"], "args": results["args"], "keys": sorted(measured)}]}
     for key, res in measured.items():
         group, rest = key.split("/", 1)
         results[group][rest] = res
@@ -418,18 +469,25 @@ def report(results: dict) -> str:
     lines.append(markdown_table(header, rows))
     if has_off:
         lines += ["", "Targets (training step, L1 + 0.1 CR):"]
-        t = _ratio(cr, train.get("cr/official"), "seconds_median")
-        m = _ratio(cr, train.get("cr/official"), "peak_rss_gb")
-        m_own = _ratio(_above_base(cr), _above_base(train.get("cr/official")), "peak_rss_gb")
-        fast = [(k, _ratio(v, train.get("cr/official"), "seconds_median")) for k, v in train.items()
-                if k.startswith("cr/lowcon")]
+        official = train.get("cr/official")
+        fp32 = [("default", cr), ("activation_checkpointing",
+                                  train.get("cr/lowcon/activation_checkpointing"))]
+        for name, case in fp32:
+            t = _ratio(case, official, "seconds_median")
+            m = _ratio(case, official, "peak_rss_gb")
+            m_own = _ratio(_above_base(case), _above_base(official), "peak_rss_gb")
+            for text, value, limit in ((f"fp32 {name}: time <= 0.8x", t, 0.8),
+                                       (f"fp32 {name}: peak memory <= 0.7x", m, 0.7)):
+                verdict = "-" if value is None else ("met" if value <= limit else "MISSED")
+                lines.append(f"- {text}: {fmt(value, 2)} -> {verdict}")
+            lines.append(f"  (peak memory above the import baseline: {fmt(m_own, 2)})")
+        fast = [(k, _ratio(v, official, "seconds_median")) for k, v in train.items() if k.startswith("cr/lowcon")]
         fast = [(k, r) for k, r in fast if r is not None]
         best = min(fast, key=lambda kr: kr[1]) if fast else (None, None)
-        for text, value, limit in (("fp32 time <= 0.8x", t, 0.8), ("fp32 peak memory <= 0.7x", m, 0.7),
-                                   (f"fastest settings ({_label(best[0] or '')}) time <= 0.5x", best[1], 0.5)):
-            verdict = "-" if value is None else ("met" if value <= limit else "MISSED")
-            lines.append(f"- {text}: {fmt(value, 2)} -> {verdict}")
-        lines.append(f"  (peak memory above the import baseline: {fmt(m_own, 2)})")
+        value = best[1]
+        verdict = "-" if value is None else ("met" if value <= 0.5 else "MISSED")
+        lines.append(f"- fastest settings ({_label(best[0] or '') or 'default'}): time <= 0.5x: "
+                     f"{fmt(value, 2)} -> {verdict}")
     if "profile" in results:
         for impl, prof in results["profile"].items():
             if "top_ops" not in prof:

@@ -11,7 +11,10 @@ for CUT / FastCUT). Each case runs in a fresh process (see ``common.py``), 2 tor
 ``--official DIR`` is a checkout of github.com/taesungp/contrastive-unpaired-translation. Its
 models are built in-process from its own option parser (``--gpu_ids -1``) and driven as its
 ``train.py`` drives them: ``data_dependent_initialize`` on the first batch (it builds the MLP
-head of CUT), ``setup``, ``parallelize``, then ``set_input`` / ``optimize_parameters``. Its
+head of CUT), ``setup``, ``parallelize``, then ``set_input`` / ``optimize_parameters``. Their
+``cut_model.py`` reads ``--CUT_mode`` from ``sys.argv`` rather than from ``cmd_line``, so the
+case process also puts the options in ``sys.argv`` (without that, "FastCUT" silently runs as
+CUT); the case checks the resulting ``nce_idt`` and ``lambda_NCE``. Its
 ``cycle_gan_model.py`` reads ``opt.amp``, which no option defines; the benchmark sets it to
 False on the parsed options. Its CycleGAN is run with the settings of lowcon's cyclegan preset
 (no anti-aliasing, normal init), which are the CycleGAN defaults.
@@ -26,7 +29,7 @@ from typing import Optional
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from common import fmt, machine_info, machine_line, markdown_table, run_case, time_repeats, write_json  # noqa: E402
+from common import fmt, machine_info, machine_line, markdown_table, run_rounds, time_repeats, write_json  # noqa: E402
 
 import torch  # noqa: E402
 
@@ -47,12 +50,14 @@ def _images(size: int, batch: int) -> dict:
             "B": torch.rand(batch, 3, size, size, generator=gen)}
 
 
-def train_lowcon(method: str, size: int = 256, batch: int = 1, repeats: int = 5, warmup: int = 2) -> dict:
+def train_lowcon(method: str, size: int = 256, batch: int = 1, repeats: int = 5, warmup: int = 2,
+                 activation_checkpointing: bool = False) -> dict:
     from lowcon.config import load_config, preset_path
     from lowcon.translation import TranslationConfig, build_method
 
     torch.manual_seed(0)
-    cfg = load_config(TranslationConfig, preset_path(method), {"crop_size": size, "batch_size": batch})
+    cfg = load_config(TranslationConfig, preset_path(method), {"crop_size": size, "batch_size": batch,
+                                                              "activation_checkpointing": activation_checkpointing})
     model = build_method(cfg, steps_per_epoch=1000, device="cpu")
     data = _images(size, batch)
     return time_repeats(lambda: model.train_step(data), repeats, warmup)
@@ -74,7 +79,14 @@ def train_official(official: str, method: str, size: int = 256, batch: int = 1,
     checkpoints = tempfile.mkdtemp(prefix="bench_cut_")  # print_options writes its opt file there
     cmd = (f"--dataroot none --name bench --gpu_ids -1 --checkpoints_dir {checkpoints} "
            f"--crop_size {size} --load_size {size} --batch_size {batch} {OFFICIAL_ARGS[method]}")
+    # Their model option setters call parser.parse_known_args() on sys.argv, not on cmd_line
+    # (cut_model.py reads --CUT_mode that way): give sys.argv the same options.
+    sys.argv = [sys.argv[0]] + cmd.split()
     opt = TrainOptions(cmd_line=cmd).parse()
+    expected = {"cut": (True, 1.0), "fastcut": (False, 10.0)}.get(method)
+    if expected and (opt.nce_idt, opt.lambda_NCE) != expected:
+        raise RuntimeError(f"official options for {method}: nce_idt={opt.nce_idt}, lambda_NCE={opt.lambda_NCE}, "
+                           f"expected {expected}")
     if not hasattr(opt, "amp"):
         opt.amp = False  # read by their cycle_gan_model.py, defined by no option
     model = create_model(opt)
@@ -122,6 +134,10 @@ def main(argv: Optional[list[str]] = None) -> dict:
     p.add_argument("--size", type=int, default=256)
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--methods", default=",".join(METHODS), help="comma-separated subset of cut,fastcut,cyclegan")
+    p.add_argument("--rounds", type=int, default=1,
+                   help="interleaved passes over the cases; each keeps its fastest pass (shared machines)")
+    p.add_argument("--activation-checkpointing", action="store_true",
+                   help="lowcon cases with activation_checkpointing: true (the generator's residual blocks)")
     p.add_argument("--out", default=str(HERE / "results" / "translation.json"))
     args = p.parse_args(argv)
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
@@ -130,19 +146,21 @@ def main(argv: Optional[list[str]] = None) -> dict:
         p.error(f"--methods: unknown {unknown}; valid: {', '.join(METHODS)}")
     common = dict(size=args.size, batch=args.batch, repeats=args.repeats, warmup=args.warmup)
 
-    def case(name: str, fn: str, **kw) -> dict:
-        print(f"... {name}", file=sys.stderr, flush=True)
-        res = run_case(SCRIPT, fn, **kw)
-        print(f"    {res if 'error' in res else {k: v for k, v in res.items() if k != 'seconds_all'}}",
-              file=sys.stderr, flush=True)
-        return res
+    def log(text: str) -> None:
+        print(text, file=sys.stderr, flush=True)
 
-    results: dict = {"machine": machine_info(), "args": vars(args), "lowcon": {}, "official": {}}
+    specs = []  # lowcon and official side by side, so that both see the same machine load
     for m in methods:
-        results["lowcon"][m] = case(f"{m}, lowcon", "train_lowcon", method=m, **common)
+        specs.append((f"lowcon/{m}", "train_lowcon",
+                      dict(method=m, activation_checkpointing=args.activation_checkpointing, **common), 1800, False))
         if args.official:
-            results["official"][m] = case(f"{m}, official", "train_official", official=args.official,
-                                          method=m, **common)
+            specs.append((f"official/{m}", "train_official", dict(official=args.official, method=m, **common),
+                          1800, False))
+    measured = run_rounds(SCRIPT, specs, rounds=args.rounds, log=log)
+    results: dict = {"machine": machine_info(), "args": vars(args), "lowcon": {}, "official": {}}
+    for key, res in measured.items():
+        side, m = key.split("/")
+        results[side][m] = res
     write_json(args.out, results)
     print(report(results))
     return results
@@ -152,22 +170,34 @@ def report(results: dict) -> str:
     a, mine_all, theirs_all = results["args"], results["lowcon"], results["official"]
     has_off = bool(theirs_all)
     lines = [f"Machine: {machine_line(results['machine'])}", "",
-             f"One training step, {a['size']}x{a['size']}, batch {a['batch']} (median of {a['repeats']} after "
-             f"{a['warmup']} warm-up; peak = process max RSS, in brackets above the import baseline)", ""]
+             f"One training step, {a['size']}x{a['size']}, batch {a['batch']}: wall-clock median of {a['repeats']} "
+             f"steps after {a['warmup']} warm-up, best of {a.get('rounds', 1)} interleaved round(s); peak = process "
+             f"max RSS, in brackets above the RSS after imports", ""]
+    if a.get("activation_checkpointing"):
+        lines[-1] += "; lowcon with activation_checkpointing: true"
     header = ["method", "lowcon s/iter", "lowcon peak GB"]
     if has_off:
-        header += ["official s/iter", "official peak GB", "time ratio", "memory ratio"]
+        header += ["official s/iter", "official peak GB", "time ratio (CPU time)", "memory ratio"]
     header += ["seed GPU s/iter", "seed GPU GB"]
     rows = []
     for m, mine in mine_all.items():
         row = [m, _cell(mine, "seconds_median"), _mem(mine)]
         if has_off:
             theirs = theirs_all.get(m)
-            row += [_cell(theirs, "seconds_median"), _mem(theirs), fmt(_ratio(mine, theirs, "seconds_median"), 2),
+            row += [_cell(theirs, "seconds_median"), _mem(theirs),
+                    f"{fmt(_ratio(mine, theirs, 'seconds_median'), 2)} ({fmt(_ratio(mine, theirs, 'cpu_seconds_median'), 2)})",
                     fmt(_ratio(mine, theirs, "peak_rss_gb"), 2)]
         row += [fmt(SEED_GPU[m][0], 2), fmt(SEED_GPU[m][1], 2)]
         rows.append(row)
     lines.append(markdown_table(header, rows))
+    if has_off:
+        lines += ["", "Targets against the official code (fp32): time <= 0.8x and peak memory <= 0.8x:"]
+        for m, mine in mine_all.items():
+            theirs = theirs_all.get(m)
+            for key, what in (("seconds_median", "time"), ("peak_rss_gb", "peak memory")):
+                value = _ratio(mine, theirs, key)
+                verdict = "-" if value is None else ("met" if value <= 0.8 else "MISSED")
+                lines.append(f"- {m} {what}: {fmt(value, 2)} -> {verdict}")
     lines += ["", "Ordering (seed, GPU: FastCUT < CUT < CycleGAN in time and memory):"]
     for side, res in (("lowcon", mine_all), ("official", theirs_all)):
         if not res:

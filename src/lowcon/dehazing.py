@@ -55,6 +55,9 @@ class DehazeConfig:
     output: Literal["tanh", "sigmoid", "clamp"] = "tanh"
     use_fastdeconv: bool = True
     ngf: int = 64
+    dcn_impl: Literal["auto", "sampled", "torchvision"] = "auto"
+    # activation checkpointing in the network and the CR's VGG: less memory, a little more time
+    activation_checkpointing: bool = False
     # loss: L1 + beta * CR
     beta: float = 0.1
     cr_negatives: bool = True
@@ -101,10 +104,16 @@ class DehazeConfig:
         get_protocol(self.protocol)
 
 
+# With `activation_checkpointing`, the VGG slices up to relu3_1 (the full- and half-resolution layers, most of
+# the anchor's activations) are recomputed in backward; the deeper ones are cheap to keep.
+CHECKPOINT_VGG_SLICES = 3
+
+
 def build_network(cfg: DehazeConfig) -> AECRNet:
     return build_aecrnet(
         cfg.variant, share_blocks=cfg.share_blocks, output=cfg.output,
-        use_fastdeconv=cfg.use_fastdeconv, ngf=cfg.ngf,
+        use_fastdeconv=cfg.use_fastdeconv, ngf=cfg.ngf, dcn_impl=cfg.dcn_impl,
+        checkpoint_blocks=cfg.activation_checkpointing,
     )
 
 
@@ -114,7 +123,8 @@ def build_dehaze_method(cfg: DehazeConfig, device: Optional[torch.device] = None
     net = build_network(cfg).to(device)
     cr = None
     if cfg.beta > 0:
-        vgg = VGG19Features(weights=cfg.vgg_weights, normalize_input=cfg.vgg_normalize).to(device)
+        vgg = VGG19Features(weights=cfg.vgg_weights, normalize_input=cfg.vgg_normalize,
+                            checkpoint_slices=CHECKPOINT_VGG_SLICES if cfg.activation_checkpointing else 0).to(device)
         cr = ContrastiveRegularization(
             vgg, layer_weights=cfg.layer_weights, use_negatives=cfg.cr_negatives, reduction=cfg.cr_reduction
         )

@@ -135,6 +135,8 @@ class TranslationConfig:
     antialias_up: bool = True
     init_type: Literal["normal", "xavier", "kaiming", "orthogonal"] = "xavier"
     init_gain: float = 0.02
+    # recompute the generator's residual blocks in backward: less memory, more time
+    activation_checkpointing: bool = False
     # run
     seed: int = 0
     run_dir: str = "runs/translation"
@@ -262,6 +264,7 @@ def build_generator(cfg: TranslationConfig) -> ResnetGenerator:
     net = ResnetGenerator(
         3, 3, ngf=cfg.ngf, n_blocks=cfg.n_blocks, norm=cfg.norm, antialias=cfg.antialias,
         antialias_up=cfg.antialias_up, nce_layers=tuple(cfg.nce_layers) if cfg.is_cut else (0,),
+        checkpoint_blocks=cfg.activation_checkpointing,
     )
     return init_weights(net, cfg.init_type, cfg.init_gain)
 

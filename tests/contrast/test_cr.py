@@ -168,3 +168,22 @@ def test_bad_shapes_name_the_argument():
         cr(out, positive=out)
     with pytest.raises(ValueError, match="layer_weights"):
         ContrastiveRegularization(TinyEmbedding(), layer_weights=[1.0])(out, positive=out, negative=out)
+
+
+def test_distance_keeps_only_an_int8_sign_and_matches_plain_autograd():
+    from lowcon.contrast.cr import _l1_per_sample
+
+    torch.manual_seed(0)
+    anchor = torch.randn(2, 4, 6, 6, dtype=torch.float64, requires_grad=True)
+    samples = torch.randn(2, 3, 4, 6, 6, dtype=torch.float64)
+    samples[:, 0, 0, 0, 0] = anchor.detach()[:, 0, 0, 0]  # a zero difference: subgradient 0
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.dtype) or t, lambda t: t):
+        ours = _l1_per_sample(anchor, samples)
+    assert set(saved) == {torch.int8}
+    plain = torch.stack([(anchor - samples[:, n]).abs().flatten(1).mean(1) for n in range(3)], dim=1)
+    torch.testing.assert_close(ours, plain)
+    weights = torch.rand(2, 3, dtype=torch.float64)
+    g_ours = torch.autograd.grad((ours * weights).sum(), anchor)[0]
+    g_plain = torch.autograd.grad((plain * weights).sum(), anchor)[0]
+    torch.testing.assert_close(g_ours, g_plain)

@@ -86,3 +86,19 @@ def test_bad_arguments(tmp_path):
         net = VGG19Features(weights="random", layers=("relu1_1",))
     with pytest.raises(ValueError, match="^x"):
         net(torch.rand(3, 16, 16))
+
+
+@pytest.mark.filterwarnings("ignore:VGG19Features\\(weights='random'\\)")
+def test_checkpointed_slices_give_the_same_features_and_gradients():
+    torch.manual_seed(0)
+    plain = VGG19Features(weights="random").double()
+    saving = VGG19Features(weights="random", checkpoint_slices=3).double()
+    saving.load_state_dict(plain.state_dict())
+    x = torch.rand(1, 3, 32, 32, dtype=torch.float64, requires_grad=True)
+    grads = []
+    for net in (plain, saving):
+        feats = net(x)
+        grads.append(torch.autograd.grad(sum(f.square().mean() for f in feats), x)[0])
+    torch.testing.assert_close(grads[1], grads[0])
+    with pytest.raises(ValueError, match="checkpoint_slices: expected an int in \\[0, 5\\]"):
+        VGG19Features(weights="random", checkpoint_slices=6)

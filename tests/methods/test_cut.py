@@ -223,3 +223,23 @@ def test_bad_arguments_are_one_line_errors():
         tiny_cut(direction="sideways")
     with pytest.raises(ValueError, match="nothing to train"):
         tiny_cut(lambda_GAN=0.0, lambda_NCE=0.0)
+
+
+def test_keys_come_from_the_translation_pass_unless_flipped(monkeypatch):
+    cut = tiny_cut(lambda_NCE=1.0, nce_idt=True, num_patches=0)
+    a, b = images(11) * 2 - 1, images(12) * 2 - 1
+    passed = cut.translate_for_training(a, b, flip=False)
+    for got, want in zip(passed["keys_A"] + passed["keys_B"],
+                         cut.G.forward_features(a, LAYERS) + cut.G.forward_features(b, LAYERS)):
+        torch.testing.assert_close(got, want)
+        assert not got.requires_grad
+    encoded = []
+    original = cut.G.forward_features
+    monkeypatch.setattr(cut.G, "forward_features", lambda x, layers=None: encoded.append(x) or original(x, layers))
+    cut.generator_losses(a, b, passed)
+    assert len(encoded) == 2  # the two query passes (fake_B, idt_B); no second pass for the keys
+    flipped = cut.translate_for_training(a, b, flip=True)
+    assert flipped["keys_A"] is None and flipped["keys_B"] is None
+    encoded.clear()
+    cut.generator_losses(a, b, flipped)
+    assert len(encoded) == 4

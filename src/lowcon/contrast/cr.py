@@ -19,11 +19,34 @@ __all__ = ["ContrastiveRegularization", "contrastive_regularization", "AECR_LAYE
 AECR_LAYER_WEIGHTS = (1.0 / 32, 1.0 / 16, 1.0 / 8, 1.0 / 4, 1.0)
 
 
+class _MeanAbsDiff(torch.autograd.Function):
+    """Per-sample mean |anchor - sample| with gradient to the anchor only.
+
+    Autograd's ``(a - s).abs().mean()`` keeps the whole float difference for backward; only its
+    sign is needed, so this keeps the sign as int8 (a quarter of the memory, for every layer,
+    positive and negative of every CR step).
+    """
+
+    @staticmethod
+    def forward(ctx, anchor: Tensor, sample: Tensor) -> Tensor:  # noqa: D401
+        diff = anchor - sample
+        ctx.save_for_backward(torch.sign(diff).to(torch.int8))
+        ctx.dtype = anchor.dtype
+        return diff.abs_().flatten(1).mean(1)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        (sign,) = ctx.saved_tensors
+        scale = grad.to(ctx.dtype) / sign[0].numel()
+        return sign.to(ctx.dtype) * scale.view(-1, *([1] * (sign.dim() - 1))), None
+
+
 def _l1_per_sample(anchor: Tensor, samples: Tensor) -> Tensor:
     """(B, C, H, W) anchor vs (B, N, C, H, W) samples -> (B, N) mean absolute differences."""
     # A loop over N keeps the peak memory at one (B, C, H, W) difference per layer.
     return torch.stack(
-        [(anchor - samples[:, n]).abs().flatten(1).mean(1) for n in range(samples.shape[1])], dim=1
+        [_MeanAbsDiff.apply(anchor, samples[:, n].detach().to(anchor.dtype)) for n in range(samples.shape[1])],
+        dim=1,
     )
 
 

@@ -13,6 +13,7 @@ from typing import Sequence, Union
 
 import torch
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
 __all__ = ["VGG19Features", "WeightsNotFoundError", "VGG19_LAYER_INDEX", "AECR_LAYERS"]
 
@@ -54,6 +55,9 @@ class VGG19Features(nn.Module):
             five AECR-Net layers relu1_1, relu2_1, relu3_1, relu4_1, relu5_1.
         normalize_input: subtract the ImageNet mean and divide by its std first. Off by default,
             as in the official CR, which feeds [0, 1] images straight in.
+        checkpoint_slices: the first this many layer-to-layer slices keep only their input when
+            the input needs a gradient and recompute the rest in backward (activation
+            checkpointing): less memory for the anchor's pass, same values and gradients.
 
     Shape:
         input (B, 3, H, W) -> list of (B, C_i, H_i, W_i), one per layer.
@@ -71,6 +75,7 @@ class VGG19Features(nn.Module):
         weights: WeightsArg = "imagenet",
         layers: Sequence[str] = AECR_LAYERS,
         normalize_input: bool = False,
+        checkpoint_slices: int = 0,
     ) -> None:
         super().__init__()
         unknown = [name for name in layers if name not in VGG19_LAYER_INDEX]
@@ -84,6 +89,9 @@ class VGG19Features(nn.Module):
             raise ValueError(f"layers: must be distinct and in increasing depth, got {list(layers)}")
         self.layers = tuple(layers)
         self.normalize_input = normalize_input
+        if not isinstance(checkpoint_slices, int) or not 0 <= checkpoint_slices <= len(layers):
+            raise ValueError(f"checkpoint_slices: expected an int in [0, {len(layers)}], got {checkpoint_slices!r}")
+        self.checkpoint_slices = checkpoint_slices
         features = _build_vgg19_features(weights)
         starts = [0] + ends[:-1]
         # Only the layers up to the deepest requested one are kept: the rest would be wasted work.
@@ -104,8 +112,12 @@ class VGG19Features(nn.Module):
         if self.normalize_input:
             x = (x - self.mean) / self.std
         feats = []
-        for block in self.slices:
-            x = block(x)
+        recompute = torch.is_grad_enabled() and x.requires_grad
+        for i, block in enumerate(self.slices):
+            if recompute and i < self.checkpoint_slices:
+                x = checkpoint(block, x, use_reentrant=False)
+            else:
+                x = block(x)
             feats.append(x)
         return feats
 

@@ -285,31 +285,51 @@ class CUT(TranslationMethod):
     def translate_for_training(self, real_A: Tensor, real_B: Tensor, flip: Optional[bool] = None) -> dict:
         """G on real_A (and real_B when an identity term needs G(real_B)), in one pass.
 
+        The same pass also returns the generator's NCE-layer features of the real images: they
+        are PatchNCE's keys, which the official code computes with a second encoder pass (and
+        a graph it never uses). Taken from this pass they are the same values, detached. When
+        the input was flipped (FastCUT's flip equivariance) the keys must be those of the
+        unflipped image, so ``nce_loss`` computes them itself.
+
         Args:
             flip: force the flip-equivariance draw (None: draw with p = 0.5 when enabled).
 
         Returns:
-            {"fake_B", "idt_B" (or None), "flipped"}; images in [-1, 1], fake_B flipped when
-            ``flipped`` (as the official code keeps it).
+            {"fake_B", "idt_B" (or None), "flipped", "keys_A", "keys_B"}; images in [-1, 1],
+            fake_B flipped when ``flipped`` (as the official code keeps it); keys None when not
+            reusable.
         """
         real = torch.cat([real_A, real_B]) if self.needs_idt else real_A
         if flip is None:
             flip = self.flip_equivariance and bool(torch.rand(()) < 0.5)
         if flip:
             real = torch.flip(real, dims=[3])
-        fake = self.G(real)
         n = real_A.shape[0]
-        return {"fake_B": fake[:n], "idt_B": fake[n:] if self.needs_idt else None, "flipped": bool(flip)}
+        keys_A = keys_B = None
+        reuse = self.lambda_NCE > 0 and not flip and hasattr(self.G, "forward_with_features")
+        if reuse:
+            fake, feats = self.G.forward_with_features(real, self.nce_layers)
+            feats = [f.detach() for f in feats]
+            keys_A = [f[:n] for f in feats]
+            keys_B = [f[n:] for f in feats] if self.needs_idt else None
+        else:
+            fake = self.G(real)
+        return {"fake_B": fake[:n], "idt_B": fake[n:] if self.needs_idt else None, "flipped": bool(flip),
+                "keys_A": keys_A, "keys_B": keys_B}
 
-    def nce_loss(self, source: Tensor, output: Tensor, flipped: bool = False) -> Tensor:
+    def nce_loss(self, source: Tensor, output: Tensor, flipped: bool = False,
+                 keys: Optional[list[Tensor]] = None) -> Tensor:
         """PatchNCE between the generator's features of `output` (queries) and of `source` (keys),
-        averaged over the NCE layers; `flipped` flips the query features back first."""
+        averaged over the NCE layers; `flipped` flips the query features back first; `keys`:
+        the source's features when already computed (no gradient flows into them)."""
         feat_q = self.G.forward_features(output, self.nce_layers)
         if flipped:
             feat_q = [torch.flip(f, dims=[3]) for f in feat_q]
         # The keys are detached inside the loss, so they need no graph.
-        with torch.no_grad():
-            feat_k = self.G.forward_features(source, self.nce_layers)
+        if keys is None:
+            with torch.no_grad():
+                keys = self.G.forward_features(source, self.nce_layers)
+        feat_k = [k.detach() for k in keys]
         patches_k, ids = self.sampler(feat_k)
         patches_q, _ = self.sampler(feat_q, ids=ids)
         with torch.no_grad():
@@ -340,10 +360,10 @@ class CUT(TranslationMethod):
             losses["G_GAN"] = self.gan(self.D(passed["fake_B"]), True, for_discriminator=False)
             total = total + self.lambda_GAN * losses["G_GAN"]
         if self.lambda_NCE > 0:
-            losses["NCE_X"] = self.nce_loss(real_A, passed["fake_B"], passed["flipped"])
+            losses["NCE_X"] = self.nce_loss(real_A, passed["fake_B"], passed["flipped"], passed.get("keys_A"))
             nce = losses["NCE_X"]
             if self.nce_idt:
-                losses["NCE_Y"] = self.nce_loss(real_B, passed["idt_B"], passed["flipped"])
+                losses["NCE_Y"] = self.nce_loss(real_B, passed["idt_B"], passed["flipped"], passed.get("keys_B"))
                 nce = (nce + losses["NCE_Y"]) * 0.5
             total = total + self.lambda_NCE * nce
         if self.lambda_identity > 0:

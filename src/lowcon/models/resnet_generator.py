@@ -23,8 +23,10 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
 from lowcon.models.blur import Downsample, Upsample
 
@@ -114,6 +116,9 @@ class ResnetGenerator(nn.Module):
             default); else ConvTranspose2d(3, stride 2, padding 1, output_padding 1) + norm + ReLU.
         dropout: Dropout(0.5) inside the residual blocks.
         nce_layers: default layer indices for ``forward_features``.
+        checkpoint_blocks: activation checkpointing: each residual block keeps only its input
+            and recomputes the rest in backward. Less training memory for more time; same
+            outputs and gradients (dropout masks included); no effect under ``torch.no_grad``.
 
     Convs have biases except before batch norm. The official code also drops them with
     ``norm="none"``, leaving those convs with neither norm nor bias; lowcon keeps them there.
@@ -138,7 +143,7 @@ class ResnetGenerator(nn.Module):
     def __init__(self, in_channels: int = 3, out_channels: int = 3, ngf: int = 64, n_blocks: int = 9,
                  norm: str = "instance", padding: str = "reflect", antialias: bool = True,
                  antialias_up: bool = True, dropout: bool = False,
-                 nce_layers: Sequence[int] = (0, 4, 8, 12, 16)):
+                 nce_layers: Sequence[int] = (0, 4, 8, 12, 16), checkpoint_blocks: bool = False):
         super().__init__()
         for name, value, low in (("in_channels", in_channels, 1), ("out_channels", out_channels, 1),
                                  ("ngf", ngf, 1), ("n_blocks", n_blocks, 0)):
@@ -150,6 +155,7 @@ class ResnetGenerator(nn.Module):
             raise ValueError(f"padding must be one of {PADDINGS}, got {padding!r}")
         self.in_channels = in_channels
         self.out_channels = out_channels
+        self.checkpoint_blocks = checkpoint_blocks
         bias = norm != "batch"
 
         model: list[nn.Module] = [
@@ -188,7 +194,8 @@ class ResnetGenerator(nn.Module):
         """Translate ``x``; the output has the input's height and width."""
         self._check_input(x)
         height, width = x.shape[-2:]
-        return self.model(_pad_to_multiple(x, _SIZE_MULTIPLE))[..., :height, :width]
+        y, _ = self._run(_pad_to_multiple(x, _SIZE_MULTIPLE), (), last=len(self.model) - 1)
+        return y[..., :height, :width]
 
     def forward_features(self, x: Tensor, layers: Sequence[int] | None = None) -> list[Tensor]:
         """Outputs of ``self.model[k]`` for each ``k`` in ``layers`` (default ``self.nce_layers``).
@@ -224,8 +231,13 @@ class ResnetGenerator(nn.Module):
 
     def _run(self, x: Tensor, layers: tuple[int, ...], last: int) -> tuple[Tensor, list[Tensor]]:
         wanted, found = set(layers), {}
+        recompute = self.checkpoint_blocks and torch.is_grad_enabled()
         for index in range(last + 1):
-            x = self.model[index](x)
+            layer = self.model[index]
+            if recompute and isinstance(layer, ResnetBlock):
+                x = checkpoint(layer, x, use_reentrant=False)
+            else:
+                x = layer(x)
             if index in wanted:
                 found[index] = x
         return x, [found[k] for k in layers]
