@@ -174,7 +174,7 @@ def report(results: dict) -> str:
              f"steps after {a['warmup']} warm-up, best of {a.get('rounds', 1)} interleaved round(s); peak = process "
              f"max RSS, in brackets above the RSS after imports", ""]
     if a.get("activation_checkpointing"):
-        lines[-1] += "; lowcon with activation_checkpointing: true"
+        lines[-2] += "; lowcon with activation_checkpointing: true"
     header = ["method", "lowcon s/iter", "lowcon peak GB"]
     if has_off:
         header += ["official s/iter", "official peak GB", "time ratio (CPU time)", "memory ratio"]
