@@ -33,8 +33,8 @@ from typing import Optional
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from common import (fmt, machine_info, machine_line, markdown_table, run_case, run_rounds, time_repeats,
-                    write_json)  # noqa: E402
+from common import (cell, fmt, machine_info, machine_line, markdown_table, memory_cell, ratio, run_case,
+                    run_rounds, time_repeats, write_json)  # noqa: E402
 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
@@ -234,85 +234,14 @@ def profile_train(impl: str, official: Optional[str] = None, size: int = 240, ba
     return {"top_ops": rows, "steps": steps}
 
 
-def memory_phases(impl: str, official: Optional[str] = None, size: int = 240, batch: int = 2,
-                  beta: float = 0.1, steps: int = 2) -> dict:
-    """Peak RSS (GB) reached after each phase of `steps` training steps: where the memory goes."""
-    from common import peak_rss_gb
-
-    data = _pair(size, batch)
-    hazy, clear = data["hazy"], data["clear"]
-    if impl == "lowcon":
-        from lowcon.contrast import ContrastiveRegularization, VGG19Features
-        from lowcon.methods.aecr import AECRTraining
-        from lowcon.models.aecrnet import AECRNet
-
-        torch.manual_seed(0)
-        cr = ContrastiveRegularization(VGG19Features(weights="random")) if beta > 0 else None
-        method = AECRTraining(AECRNet(), cr, beta=beta)
-        net, optimizer = method.net, method.optimizers["net"]
-
-        def criterion(out):
-            loss = F.l1_loss(out, clear)
-            if cr is not None:
-                positives, negatives = method.sampler(hazy, clear)
-                loss = loss + beta * cr(out, positive=positives, negative=negatives)
-            return loss
-    else:
-        net_module, cr_module = _load_official(official)
-        torch.manual_seed(0)
-        net = net_module.Dehaze(3, 3)
-        contrast = cr_module.ContrastLoss(ablation=False) if beta > 0 else None
-        optimizer = torch.optim.Adam(net.parameters(), lr=1e-4)
-
-        def criterion(out):
-            loss = F.l1_loss(out, clear)
-            return loss + beta * contrast(out, clear, hazy) if contrast is not None else loss
-
-    phases = [("built", peak_rss_gb())]
-    net.train()
-    for i in range(steps):
-        out = net(hazy)
-        phases.append((f"step{i + 1}: network forward", peak_rss_gb()))
-        loss = criterion(out)
-        phases.append((f"step{i + 1}: loss (L1{' + CR' if beta > 0 else ''})", peak_rss_gb()))
-        loss.backward()
-        phases.append((f"step{i + 1}: backward", peak_rss_gb()))
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        phases.append((f"step{i + 1}: optimizer step", peak_rss_gb()))
-        del out, loss
-    return {"phases": phases, "seconds_median": 0.0}
-
-
 # --------------------------------------------------------------------------------------------
 # Driver
 # --------------------------------------------------------------------------------------------
-def _ratio(a: Optional[dict], b: Optional[dict], key: str) -> Optional[float]:
-    if not a or not b or key not in a or key not in b or not b[key]:
-        return None
-    return a[key] / b[key]
-
-
-def _cell(result: Optional[dict], key: str, digits: int = 3) -> str:
-    if result is None:
-        return "-"
-    if "error" in result:
-        return f"failed: {result['error'][-90:]}"
-    return fmt(result.get(key), digits)
-
-
 def _above_base(result: Optional[dict]) -> Optional[dict]:
     """The case's own memory: peak RSS minus the RSS after imports (Python, torch: same for all)."""
     if not result or "error" in result:
         return result
     return {**result, "peak_rss_gb": result["peak_rss_gb"] - result["base_rss_gb"]}
-
-
-def _memory(result: Optional[dict]) -> str:
-    """'peak (above base)' in GB."""
-    if result is None or "error" in result:
-        return "-"
-    return f"{result['peak_rss_gb']:.2f} ({_above_base(result)['peak_rss_gb']:.2f})"
 
 
 def _label(key: str) -> str:
@@ -417,35 +346,35 @@ def report(results: dict) -> str:
                    "memory ratio (above base)"]
 
     def compare(mine: Optional[dict], theirs: Optional[dict]) -> list[str]:
-        mem = fmt(_ratio(mine, theirs, "peak_rss_gb"), 2)
-        own = fmt(_ratio(_above_base(mine), _above_base(theirs), "peak_rss_gb"), 2)
-        wall = fmt(_ratio(mine, theirs, "seconds_median"), 2)
-        cpu = fmt(_ratio(mine, theirs, "cpu_seconds_median"), 2)
+        mem = fmt(ratio(mine, theirs, "peak_rss_gb"), 2)
+        own = fmt(ratio(_above_base(mine), _above_base(theirs), "peak_rss_gb"), 2)
+        wall = fmt(ratio(mine, theirs, "seconds_median"), 2)
+        cpu = fmt(ratio(mine, theirs, "cpu_seconds_median"), 2)
         return [f"{wall} ({cpu})", f"{mem} ({own})"]
 
     rows = []
     for key, label in (("l1", "L1, fp32"), ("cr", "L1 + 0.1 CR, fp32")):
         mine, theirs = train.get(f"{key}/lowcon"), train.get(f"{key}/official")
-        row = [label, _cell(mine, "seconds_median"), _memory(mine)]
+        row = [label, cell(mine, "seconds_median"), memory_cell(mine)]
         if has_off:
-            row += [_cell(theirs, "seconds_median"), _memory(theirs)] + compare(mine, theirs)
+            row += [cell(theirs, "seconds_median"), memory_cell(theirs)] + compare(mine, theirs)
         rows.append(row)
     for key, mine in train.items():
         if key.startswith("cr/lowcon/"):
             label = "L1 + 0.1 CR, " + _label(key)
             if mine and "compile_seconds" in mine:
                 label += f" (first step, compiling: {mine['compile_seconds']:.0f} s)"
-            row = [label, _cell(mine, "seconds_median"), _memory(mine)]
+            row = [label, cell(mine, "seconds_median"), memory_cell(mine)]
             if has_off:
                 row += ["", ""] + compare(mine, train["cr/official"])
             rows.append(row)
     lines.append(markdown_table(header, rows))
     l1, cr = train.get("l1/lowcon"), train.get("cr/lowcon")
-    overhead = _ratio(cr, l1, "seconds_median")
+    overhead = ratio(cr, l1, "seconds_median")
     if overhead:
         lines += ["", f"CR overhead (lowcon, fp32): x{overhead:.2f} the time of the L1-only step"]
     if has_off:
-        o = _ratio(train.get("cr/official"), train.get("l1/official"), "seconds_median")
+        o = ratio(train.get("cr/official"), train.get("l1/official"), "seconds_median")
         if o:
             lines.append(f"CR overhead (official, fp32): x{o:.2f}")
     lines += ["", "Inference, batch 1, eval, no grad", ""]
@@ -457,14 +386,14 @@ def report(results: dict) -> str:
                                       ("memory", f"seconds at {a['mem_size']}", "seconds_median", 2)):
         mine, theirs = infer.get(f"{key}/lowcon"), infer.get(f"{key}/official")
         if field == "peak_rss_gb":
-            row = [label + " (above base)", _memory(mine)]
+            row = [label + " (above base)", memory_cell(mine)]
             if len(header) > 2:
-                own = fmt(_ratio(_above_base(mine), _above_base(theirs), field), 2)
-                row += [_memory(theirs), f"{fmt(_ratio(mine, theirs, field), 2)} ({own})"]
+                own = fmt(ratio(_above_base(mine), _above_base(theirs), field), 2)
+                row += [memory_cell(theirs), f"{fmt(ratio(mine, theirs, field), 2)} ({own})"]
         else:
-            row = [label, _cell(mine, field, digits)]
+            row = [label, cell(mine, field, digits)]
             if len(header) > 2:
-                row += [_cell(theirs, field, digits), fmt(_ratio(mine, theirs, field), 2)]
+                row += [cell(theirs, field, digits), fmt(ratio(mine, theirs, field), 2)]
         rows.append(row)
     lines.append(markdown_table(header, rows))
     if has_off:
@@ -473,15 +402,15 @@ def report(results: dict) -> str:
         fp32 = [("default", cr), ("activation_checkpointing",
                                   train.get("cr/lowcon/activation_checkpointing"))]
         for name, case in fp32:
-            t = _ratio(case, official, "seconds_median")
-            m = _ratio(case, official, "peak_rss_gb")
-            m_own = _ratio(_above_base(case), _above_base(official), "peak_rss_gb")
+            t = ratio(case, official, "seconds_median")
+            m = ratio(case, official, "peak_rss_gb")
+            m_own = ratio(_above_base(case), _above_base(official), "peak_rss_gb")
             for text, value, limit in ((f"fp32 {name}: time <= 0.8x", t, 0.8),
                                        (f"fp32 {name}: peak memory <= 0.7x", m, 0.7)):
                 verdict = "-" if value is None else ("met" if value <= limit else "MISSED")
                 lines.append(f"- {text}: {fmt(value, 2)} -> {verdict}")
             lines.append(f"  (peak memory above the import baseline: {fmt(m_own, 2)})")
-        fast = [(k, _ratio(v, official, "seconds_median")) for k, v in train.items() if k.startswith("cr/lowcon")]
+        fast = [(k, ratio(v, official, "seconds_median")) for k, v in train.items() if k.startswith("cr/lowcon")]
         fast = [(k, r) for k, r in fast if r is not None]
         best = min(fast, key=lambda kr: kr[1]) if fast else (None, None)
         value = best[1]

@@ -29,7 +29,8 @@ from typing import Optional
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from common import fmt, machine_info, machine_line, markdown_table, run_rounds, time_repeats, write_json  # noqa: E402
+from common import (cell, fmt, machine_info, machine_line, markdown_table, memory_cell, ratio, run_rounds,
+                    time_repeats, write_json)  # noqa: E402
 
 import torch  # noqa: E402
 
@@ -106,26 +107,6 @@ def train_official(official: str, method: str, size: int = 256, batch: int = 1,
     return time_repeats(step, repeats, warmup)
 
 
-def _ratio(a: Optional[dict], b: Optional[dict], key: str) -> Optional[float]:
-    if not a or not b or key not in a or key not in b or not b[key]:
-        return None
-    return a[key] / b[key]
-
-
-def _cell(result: Optional[dict], key: str, digits: int = 3) -> str:
-    if result is None:
-        return "-"
-    if "error" in result:
-        return f"failed: {result['error'][-90:]}"
-    return fmt(result.get(key), digits)
-
-
-def _mem(result: Optional[dict]) -> str:
-    if result is None or "error" in result:
-        return "-"
-    return f"{result['peak_rss_gb']:.2f} ({result['peak_rss_gb'] - result['base_rss_gb']:.2f})"
-
-
 def main(argv: Optional[list[str]] = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--official", help="a checkout of taesungp/contrastive-unpaired-translation (optional)")
@@ -169,24 +150,23 @@ def main(argv: Optional[list[str]] = None) -> dict:
 def report(results: dict) -> str:
     a, mine_all, theirs_all = results["args"], results["lowcon"], results["official"]
     has_off = bool(theirs_all)
+    setting = "; lowcon with activation_checkpointing: true" if a.get("activation_checkpointing") else ""
     lines = [f"Machine: {machine_line(results['machine'])}", "",
              f"One training step, {a['size']}x{a['size']}, batch {a['batch']}: wall-clock median of {a['repeats']} "
              f"steps after {a['warmup']} warm-up, best of {a.get('rounds', 1)} interleaved round(s); peak = process "
-             f"max RSS, in brackets above the RSS after imports", ""]
-    if a.get("activation_checkpointing"):
-        lines[-2] += "; lowcon with activation_checkpointing: true"
+             f"max RSS, in brackets above the RSS after imports{setting}", ""]
     header = ["method", "lowcon s/iter", "lowcon peak GB"]
     if has_off:
         header += ["official s/iter", "official peak GB", "time ratio (CPU time)", "memory ratio"]
     header += ["seed GPU s/iter", "seed GPU GB"]
     rows = []
     for m, mine in mine_all.items():
-        row = [m, _cell(mine, "seconds_median"), _mem(mine)]
+        row = [m, cell(mine, "seconds_median"), memory_cell(mine)]
         if has_off:
             theirs = theirs_all.get(m)
-            row += [_cell(theirs, "seconds_median"), _mem(theirs),
-                    f"{fmt(_ratio(mine, theirs, 'seconds_median'), 2)} ({fmt(_ratio(mine, theirs, 'cpu_seconds_median'), 2)})",
-                    fmt(_ratio(mine, theirs, "peak_rss_gb"), 2)]
+            row += [cell(theirs, "seconds_median"), memory_cell(theirs),
+                    f"{fmt(ratio(mine, theirs, 'seconds_median'), 2)} ({fmt(ratio(mine, theirs, 'cpu_seconds_median'), 2)})",
+                    fmt(ratio(mine, theirs, "peak_rss_gb"), 2)]
         row += [fmt(SEED_GPU[m][0], 2), fmt(SEED_GPU[m][1], 2)]
         rows.append(row)
     lines.append(markdown_table(header, rows))
@@ -195,7 +175,7 @@ def report(results: dict) -> str:
         for m, mine in mine_all.items():
             theirs = theirs_all.get(m)
             for key, what in (("seconds_median", "time"), ("peak_rss_gb", "peak memory")):
-                value = _ratio(mine, theirs, key)
+                value = ratio(mine, theirs, key)
                 verdict = "-" if value is None else ("met" if value <= 0.8 else "MISSED")
                 lines.append(f"- {m} {what}: {fmt(value, 2)} -> {verdict}")
     lines += ["", "Ordering (seed, GPU: FastCUT < CUT < CycleGAN in time and memory):"]

@@ -198,6 +198,29 @@ def fmt(value: Optional[float], digits: int = 3) -> str:
     return f"{value:.{digits}f}"
 
 
+def ratio(a: Optional[dict], b: Optional[dict], key: str) -> Optional[float]:
+    """a[key] / b[key] for two case results, None when either is missing or failed."""
+    if not a or not b or key not in a or key not in b or not b[key]:
+        return None
+    return a[key] / b[key]
+
+
+def cell(result: Optional[dict], key: str, digits: int = 3) -> str:
+    """One result field for a table: '-' when not run, the error's tail when it failed."""
+    if result is None:
+        return "-"
+    if "error" in result:
+        return f"failed: {result['error'][-90:]}"
+    return fmt(result.get(key), digits)
+
+
+def memory_cell(result: Optional[dict]) -> str:
+    """'peak (above the RSS after imports)' in GB."""
+    if result is None or "error" in result:
+        return "-"
+    return f"{result['peak_rss_gb']:.2f} ({result['peak_rss_gb'] - result['base_rss_gb']:.2f})"
+
+
 def markdown_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
     """A GitHub markdown table; cells are written with ``str``."""
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
