@@ -114,12 +114,17 @@ def _pair(size: int, batch: int) -> dict:
 
 def train_lowcon(size: int = 240, batch: int = 2, beta: float = 0.1, channels_last: bool = False,
                  bf16: bool = False, compile: bool = False, dcn_impl: str = "auto",
-                 activation_checkpointing: bool = False, repeats: int = 5, warmup: int = 2) -> dict:
+                 activation_checkpointing: bool = False, heap_mmap_threshold_mb: float = 0,
+                 repeats: int = 5, warmup: int = 2) -> dict:
     from lowcon.contrast import ContrastiveRegularization, VGG19Features
     from lowcon.dehazing import CHECKPOINT_VGG_SLICES
     from lowcon.methods.aecr import AECRTraining
     from lowcon.models.aecrnet import AECRNet
 
+    if heap_mmap_threshold_mb:  # as lowcon.dehazing.train_dehaze does with the same config key
+        from lowcon.training.memory import map_large_allocations
+
+        map_large_allocations(heap_mmap_threshold_mb)
     torch.manual_seed(0)
     net = AECRNet(dcn_impl=dcn_impl, checkpoint_blocks=activation_checkpointing)
     cr = None
@@ -249,6 +254,10 @@ def _label(key: str) -> str:
     return parts[2] if len(parts) == 3 else "fp32"
 
 
+# The configuration documented for the least memory: both memory settings of the AECR-Net config.
+LOW_MEMORY = "activation_checkpointing + heap_mmap_threshold_mb=8"
+
+
 def main(argv: Optional[list[str]] = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--official", help="a checkout of GlassyWu/AECR-Net (optional)")
@@ -267,7 +276,8 @@ def main(argv: Optional[list[str]] = None) -> dict:
     p.add_argument("--profile", action="store_true", help="also list the top ops of one CR training step")
     p.add_argument("--rounds", type=int, default=1,
                    help="interleaved passes over the cases; each keeps its fastest pass (shared machines)")
-    p.add_argument("--only", help="comma-separated substrings: run only the cases whose key contains one")
+    p.add_argument("--only", help="comma-separated substrings: run only the cases whose key contains one "
+                        "(a trailing $: whose key ends with it)")
     p.add_argument("--merge", action="store_true", help="update the cases of an existing --out file")
     p.add_argument("--out", default=str(HERE / "results" / "aecrnet.json"))
     args = p.parse_args(argv)
@@ -295,6 +305,8 @@ def main(argv: Optional[list[str]] = None) -> dict:
         specs = [spec for spec in specs if not spec[0].endswith("/official")]
     if not args.no_fast:
         fast = [("activation_checkpointing", dict(activation_checkpointing=True)),
+                ("heap_mmap_threshold_mb=8", dict(heap_mmap_threshold_mb=8)),
+                (LOW_MEMORY, dict(activation_checkpointing=True, heap_mmap_threshold_mb=8)),
                 ("DCN by torchvision (dcn_impl=torchvision)", dict(dcn_impl="torchvision")),
                 ("channels_last", dict(channels_last=True))]
         if not args.no_bf16:
@@ -311,7 +323,8 @@ def main(argv: Optional[list[str]] = None) -> dict:
             specs.append((f"train/cr/lowcon/{label}", "train_lowcon", dict(beta=0.1, **kw, **settings), timeout, slow))
     if args.only:
         wanted = [w.strip() for w in args.only.split(",") if w.strip()]
-        specs = [spec for spec in specs if any(w in spec[0] for w in wanted)]
+        specs = [spec for spec in specs
+                 if any(spec[0].endswith(w[:-1]) if w.endswith("$") else w in spec[0] for w in wanted)]
     measured = run_rounds(SCRIPT, specs, rounds=args.rounds, log=log)
     results: dict = {"machine": machine_info(), "args": vars(args), "train": {}, "infer": {}}
     if args.merge and Path(args.out).is_file():  # keep the other cases of an earlier run
@@ -336,6 +349,12 @@ def report(results: dict) -> str:
     train, infer, a = results["train"], results["infer"], results["args"]
     has_off = "cr/official" in train
     lines = [f"Machine: {machine_line(results['machine'])}", ""]
+    for run in results.get("merged_runs", []):  # later passes (--merge) replaced these cases
+        r = run["args"]
+        lines.append(f"Re-measured {run['machine']['date_utc']} UTC ({r['repeats']} steps after {r['warmup']} warm-up, "
+                     f"best of {r.get('rounds', 1)} rounds): {', '.join(run['keys'])}")
+    if results.get("merged_runs"):
+        lines.append("")
     lines.append(f"Training step, {a['size']}x{a['size']}, batch {a['batch']}: wall-clock median of {a['repeats']} "
                  f"steps after {a['warmup']} warm-up, best of {a.get('rounds', 1)} interleaved round(s); "
                  f"peak = process max RSS, in brackets above the RSS after imports")
@@ -399,8 +418,8 @@ def report(results: dict) -> str:
     if has_off:
         lines += ["", "Targets (training step, L1 + 0.1 CR):"]
         official = train.get("cr/official")
-        fp32 = [("default", cr), ("activation_checkpointing",
-                                  train.get("cr/lowcon/activation_checkpointing"))]
+        fp32 = [("default", cr)] + [(name, train.get(f"cr/lowcon/{name}"))
+                                    for name in ("activation_checkpointing", LOW_MEMORY)]
         for name, case in fp32:
             t = ratio(case, official, "seconds_median")
             m = ratio(case, official, "peak_rss_gb")

@@ -52,13 +52,17 @@ def _images(size: int, batch: int) -> dict:
 
 
 def train_lowcon(method: str, size: int = 256, batch: int = 1, repeats: int = 5, warmup: int = 2,
-                 activation_checkpointing: bool = False) -> dict:
+                 activation_checkpointing: bool = False, heap_mmap_threshold_mb: float = 0) -> dict:
     from lowcon.config import load_config, preset_path
+    from lowcon.training.memory import map_large_allocations
     from lowcon.translation import TranslationConfig, build_method
 
     torch.manual_seed(0)
     cfg = load_config(TranslationConfig, preset_path(method), {"crop_size": size, "batch_size": batch,
-                                                              "activation_checkpointing": activation_checkpointing})
+                                                              "activation_checkpointing": activation_checkpointing,
+                                                              "heap_mmap_threshold_mb": heap_mmap_threshold_mb})
+    if cfg.heap_mmap_threshold_mb:  # as lowcon.translation.train_translation does
+        map_large_allocations(cfg.heap_mmap_threshold_mb)
     model = build_method(cfg, steps_per_epoch=1000, device="cpu")
     data = _images(size, batch)
     return time_repeats(lambda: model.train_step(data), repeats, warmup)
@@ -119,6 +123,8 @@ def main(argv: Optional[list[str]] = None) -> dict:
                    help="interleaved passes over the cases; each keeps its fastest pass (shared machines)")
     p.add_argument("--activation-checkpointing", action="store_true",
                    help="lowcon cases with activation_checkpointing: true (the generator's residual blocks)")
+    p.add_argument("--heap-mmap-threshold-mb", type=float, default=0,
+                   help="lowcon cases with heap_mmap_threshold_mb set (large tensors mapped and unmapped at once)")
     p.add_argument("--out", default=str(HERE / "results" / "translation.json"))
     args = p.parse_args(argv)
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
@@ -133,7 +139,8 @@ def main(argv: Optional[list[str]] = None) -> dict:
     specs = []  # lowcon and official side by side, so that both see the same machine load
     for m in methods:
         specs.append((f"lowcon/{m}", "train_lowcon",
-                      dict(method=m, activation_checkpointing=args.activation_checkpointing, **common), 1800, False))
+                      dict(method=m, activation_checkpointing=args.activation_checkpointing,
+                           heap_mmap_threshold_mb=args.heap_mmap_threshold_mb, **common), 1800, False))
         if args.official:
             specs.append((f"official/{m}", "train_official", dict(official=args.official, method=m, **common),
                           1800, False))
@@ -150,7 +157,12 @@ def main(argv: Optional[list[str]] = None) -> dict:
 def report(results: dict) -> str:
     a, mine_all, theirs_all = results["args"], results["lowcon"], results["official"]
     has_off = bool(theirs_all)
-    setting = "; lowcon with activation_checkpointing: true" if a.get("activation_checkpointing") else ""
+    settings = []
+    if a.get("activation_checkpointing"):
+        settings.append("activation_checkpointing: true")
+    if a.get("heap_mmap_threshold_mb"):
+        settings.append(f"heap_mmap_threshold_mb: {a['heap_mmap_threshold_mb']:g}")
+    setting = f"; lowcon with {', '.join(settings)}" if settings else ""
     lines = [f"Machine: {machine_line(results['machine'])}", "",
              f"One training step, {a['size']}x{a['size']}, batch {a['batch']}: wall-clock median of {a['repeats']} "
              f"steps after {a['warmup']} warm-up, best of {a.get('rounds', 1)} interleaved round(s); peak = process "

@@ -32,6 +32,7 @@ from .models.aecrnet import AECRNET_VARIANTS, AECRNet, build_aecrnet
 from .models.gan_loss import GANLoss
 from .models.patch_discriminator import PatchDiscriminator
 from .models.resnet_generator import ResnetGenerator
+from .models.stylegan2 import StyleGAN2Discriminator, StyleGAN2Generator
 from .metrics.psnr import psnr
 from .metrics.ssim import ssim
 
@@ -40,7 +41,8 @@ __version__ = "0.1.0"
 __all__ = [
     "AECR_LAYER_WEIGHTS", "AECR_LAYERS", "AECRNET_VARIANTS", "AECRNet", "ContrastiveRegularization",
     "CRSampler", "DarkChannelPrior", "DeferredOptimizer", "GANLoss", "InfoNCE", "PatchDiscriminator",
-    "PatchNCELoss", "PatchProjector", "PatchSampler", "ResnetGenerator", "VGG19Features",
+    "PatchNCELoss", "PatchProjector", "PatchSampler", "ResnetGenerator", "StyleGAN2Discriminator",
+    "StyleGAN2Generator", "VGG19Features",
     "WeightsNotFoundError", "batch_samples", "build_aecrnet", "contrastive_regularization", "dehaze_dcp",
     "info_nce", "own_sample", "patch_nce_loss", "psnr", "ssim", "stack_samples",
 ]

@@ -40,8 +40,16 @@ from lowcon.methods.cyclegan import CycleGAN
 from lowcon.models.init import init_weights
 from lowcon.models.patch_discriminator import PatchDiscriminator
 from lowcon.models.resnet_generator import ResnetGenerator
+from lowcon.models.stylegan2 import (
+    StyleGAN2Discriminator,
+    StyleGAN2Generator,
+    discriminator_channels,
+    generator_channels,
+    stylegan2_resolution,
+)
 from lowcon.training.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from lowcon.training.loop import Trainer
+from lowcon.training.memory import map_large_allocations
 
 __all__ = [
     "TranslationConfig",
@@ -82,6 +90,13 @@ class TranslationConfig:
     nce_T, nce_negatives, netF_nc, flip_equivariance, lambda_R1. By CycleGAN only: lambda_A,
     lambda_B, pool_size. ``lambda_identity`` is SinCUT's L1 identity weight or CycleGAN's
     identity weight. By SinCUT only: single_image_length, zoom_min.
+
+    Networks: ``netG`` "resnet" reads ngf, n_blocks, norm, antialias, antialias_up, init_type,
+    init_gain; "stylegan2" (SinCUT's official networks) reads ngf, n_blocks (even: half in the
+    encoder, half in the decoder), stylegan2_G_num_downsampling and crop_size (rounded to a power
+    of 2, it sets the channel widths), and brings its own init (equalized learning rate).
+    ``netD`` "patch" reads ndf, n_layers_D, norm, antialias, init_type, init_gain; "stylegan2"
+    reads ndf and crop_size (it judges whole crops). ``init_gain`` also initialises the PatchNCE head.
     """
 
     method: Literal["cut", "fastcut", "sincut", "cyclegan"] = "cut"
@@ -126,6 +141,9 @@ class TranslationConfig:
     beta1: float = 0.5
     beta2: float = 0.999
     # networks
+    netG: Literal["resnet", "stylegan2"] = "resnet"
+    netD: Literal["patch", "stylegan2"] = "patch"
+    stylegan2_G_num_downsampling: int = 1
     ngf: int = 64
     ndf: int = 64
     n_blocks: int = 9
@@ -137,6 +155,9 @@ class TranslationConfig:
     init_gain: float = 0.02
     # recompute the generator's residual blocks in backward: less memory, more time
     activation_checkpointing: bool = False
+    # CPU memory: allocations of at least this many MB get their own mapping, freed at once
+    # (glibc; 0 = glibc's default). Lowers the peak by the heap's holes, costs page faults.
+    heap_mmap_threshold_mb: float = 0
     # run
     seed: int = 0
     run_dir: str = "runs/translation"
@@ -171,7 +192,8 @@ class TranslationConfig:
                         "checkpoint_every": self.checkpoint_every, "save_epoch_every": self.save_epoch_every,
                         "num_workers": self.num_workers, "pool_size": self.pool_size, "seed": self.seed,
                         "lambda_GAN": self.lambda_GAN, "lambda_NCE": self.lambda_NCE, "lambda_R1": self.lambda_R1,
-                        "lambda_identity": self.lambda_identity, "lambda_A": self.lambda_A, "lambda_B": self.lambda_B}
+                        "lambda_identity": self.lambda_identity, "lambda_A": self.lambda_A, "lambda_B": self.lambda_B,
+                        "stylegan2_G_num_downsampling": self.stylegan2_G_num_downsampling}
         for key, value in non_negative.items():
             if value < 0:
                 raise ValueError(f"{key}: must be >= 0, got {value}")
@@ -179,7 +201,7 @@ class TranslationConfig:
             raise ValueError("n_epochs, n_epochs_decay: both 0, nothing to train")
         if self.crop_size < 8:
             raise ValueError(f"crop_size: must be >= 8 (the generator downsamples twice), got {self.crop_size}")
-        if self.crop_size < 2 ** (self.n_layers_D + 2):
+        if self.netD == "patch" and self.crop_size < 2 ** (self.n_layers_D + 2):
             raise ValueError(
                 f"crop_size: a PatchGAN of {self.n_layers_D} layers needs crops of at least "
                 f"{2 ** (self.n_layers_D + 2)} px, got {self.crop_size} (lower n_layers_D)"
@@ -197,6 +219,10 @@ class TranslationConfig:
             raise ValueError(f"device: expected auto, cpu, cuda or cuda:N, got {self.device!r}")
         if not self.run_dir:
             raise ValueError("run_dir: must not be empty")
+        if not 0 <= self.heap_mmap_threshold_mb <= 32:
+            raise ValueError(f"heap_mmap_threshold_mb: expected 0 (off) or a value in (0, 32], "
+                             f"got {self.heap_mmap_threshold_mb}")
+        self._validate_stylegan2()
         if self.is_cut:
             self._validate_cut()
         else:
@@ -210,14 +236,43 @@ class TranslationConfig:
         if self.lambda_GAN == 0 and self.lambda_NCE == 0 and self.lambda_identity == 0:
             raise ValueError("lambda_GAN, lambda_NCE, lambda_identity: all 0, nothing to train")
         layers = tuple(self.nce_layers)
-        encoder_end = (12 if self.antialias else 10) + self.n_blocks
+        if self.netG == "stylegan2":
+            # encoder.convs: input, 1x1 conv, one ResBlock per downsampling, n_blocks // 2 ResBlocks
+            encoder_end = 2 + self.stylegan2_G_num_downsampling + self.n_blocks // 2
+            example = "e.g. 0,2,4 for SinCUT's 6 blocks and 1 downsampling"
+        else:
+            encoder_end = (12 if self.antialias else 10) + self.n_blocks
+            example = "e.g. 0,4,8,12,16 for 9 blocks; 0,4,8,12 for 1 block"
         if not layers or len(set(layers)) != len(layers) or min(layers) < 0 or max(layers) >= encoder_end:
             raise ValueError(
-                f"nce_layers: need distinct encoder layers in [0, {encoder_end - 1}] for n_blocks={self.n_blocks}, "
-                f"got {list(layers)} (e.g. 0,4,8,12,16 for 9 blocks; 0,4,8,12 for 1 block)"
+                f"nce_layers: need distinct layers of the {self.netG} encoder in [0, {encoder_end - 1}] for "
+                f"n_blocks={self.n_blocks}, got {list(layers)} ({example})"
             )
         if self.flip_equivariance and self.preprocess != "none" and self.crop_size % 4:
             raise ValueError(f"crop_size: flip_equivariance needs a multiple of 4, got {self.crop_size}")
+
+    def _validate_stylegan2(self) -> None:
+        size = stylegan2_resolution(self.crop_size)
+        if self.netG == "stylegan2":
+            steps = self.stylegan2_G_num_downsampling
+            if self.n_blocks % 2:
+                raise ValueError(f"n_blocks: the stylegan2 generator splits its blocks between encoder and decoder; "
+                                 f"need an even number, got {self.n_blocks}")
+            if size > 1024 or size // 2 ** steps < 4:
+                raise ValueError(f"crop_size, stylegan2_G_num_downsampling: the stylegan2 generator sizes its "
+                                 f"channels for 2^round(log2 crop_size) in [{4 * 2 ** steps}, 1024] with {steps} "
+                                 f"downsamplings, got crop_size {self.crop_size}")
+            if generator_channels(size, self.ngf) < 1:
+                raise ValueError(f"ngf: {self.ngf} gives the stylegan2 generator 0 channels at {size} px; raise it")
+        if self.netD == "stylegan2":
+            if self.preprocess == "none" and self.method != "sincut":
+                raise ValueError("preprocess: the stylegan2 discriminator judges fixed-size crops; "
+                                 "use crop or resize_and_crop, not none")
+            if size > 1024 or self.crop_size // (size // 4) != 4:
+                raise ValueError(f"crop_size: the stylegan2 discriminator takes crops of 2^k to 1.25 * 2^k - 1 px "
+                                 f"(k <= 10), got {self.crop_size}; use a power of 2 such as 64 or 256")
+            if discriminator_channels(size, self.ndf) < 1:
+                raise ValueError(f"ndf: {self.ndf} gives the stylegan2 discriminator 0 channels at {size} px; raise it")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -260,16 +315,31 @@ def build_dataset(cfg: TranslationConfig) -> Dataset:
     )
 
 
-def build_generator(cfg: TranslationConfig) -> ResnetGenerator:
-    net = ResnetGenerator(
+def _generator_network(cfg: TranslationConfig, checkpoint_blocks: bool = False) -> nn.Module:
+    """The `cfg.netG` generator as constructed (no init_weights)."""
+    nce_layers = tuple(cfg.nce_layers) if cfg.is_cut else (0,)
+    if cfg.netG == "stylegan2":
+        return StyleGAN2Generator(
+            3, 3, ngf=cfg.ngf, n_blocks=cfg.n_blocks, size=stylegan2_resolution(cfg.crop_size),
+            num_downsampling=cfg.stylegan2_G_num_downsampling, nce_layers=nce_layers,
+            checkpoint_blocks=checkpoint_blocks,
+        )
+    return ResnetGenerator(
         3, 3, ngf=cfg.ngf, n_blocks=cfg.n_blocks, norm=cfg.norm, antialias=cfg.antialias,
-        antialias_up=cfg.antialias_up, nce_layers=tuple(cfg.nce_layers) if cfg.is_cut else (0,),
-        checkpoint_blocks=cfg.activation_checkpointing,
+        antialias_up=cfg.antialias_up, nce_layers=nce_layers, checkpoint_blocks=checkpoint_blocks,
     )
-    return init_weights(net, cfg.init_type, cfg.init_gain)
 
 
-def build_discriminator(cfg: TranslationConfig) -> PatchDiscriminator:
+def build_generator(cfg: TranslationConfig) -> nn.Module:
+    net = _generator_network(cfg, checkpoint_blocks=cfg.activation_checkpointing)
+    # The StyleGAN2 networks keep their own init (N(0, 1) weights scaled at run time: equalized
+    # learning rate); the official code skips init_weights for them too.
+    return net if cfg.netG == "stylegan2" else init_weights(net, cfg.init_type, cfg.init_gain)
+
+
+def build_discriminator(cfg: TranslationConfig) -> nn.Module:
+    if cfg.netD == "stylegan2":  # its own init, as the generator's
+        return StyleGAN2Discriminator(3, ndf=cfg.ndf, size=stylegan2_resolution(cfg.crop_size))
     net = PatchDiscriminator(3, ndf=cfg.ndf, n_layers=cfg.n_layers_D, norm=cfg.norm, antialias=cfg.antialias)
     return init_weights(net, cfg.init_type, cfg.init_gain)
 
@@ -355,6 +425,8 @@ def train_translation(cfg: TranslationConfig, resume: bool = False, progress: bo
         _check_resumable(cfg, run_dir)
     elif (run_dir / "last.pt").exists():
         raise FileExistsError(f"{run_dir}: holds a run already (last.pt); resume it or choose another run_dir")
+    if cfg.heap_mmap_threshold_mb:
+        map_large_allocations(cfg.heap_mmap_threshold_mb)
     torch.manual_seed(cfg.seed)
     device = auto_device(cfg.device)
     dataset = build_dataset(cfg)
@@ -438,8 +510,7 @@ def load_translator(
     key = "G" if cfg.is_cut else ("G_A" if direction == "AtoB" else "G_B")
     if key not in weights:
         raise CheckpointError(f"{path}: no {key} weights (has {sorted(weights)})")
-    generator = ResnetGenerator(3, 3, ngf=cfg.ngf, n_blocks=cfg.n_blocks, norm=cfg.norm, antialias=cfg.antialias,
-                                antialias_up=cfg.antialias_up, nce_layers=tuple(cfg.nce_layers) if cfg.is_cut else (0,))
+    generator = _generator_network(cfg)  # a saved config without netG (older lowcon) gets the resnet default
     try:
         generator.load_state_dict(weights[key])
     except RuntimeError as err:

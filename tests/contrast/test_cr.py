@@ -128,17 +128,29 @@ def test_gradient_reaches_output_only():
     assert all(p.grad is None for p in emb.parameters())
 
 
-def test_positives_and_negatives_embedded_in_one_pass():
-    calls = []
+def test_each_sample_set_is_embedded_without_gradient_and_dropped_before_the_next():
+    import weakref
 
-    class Counting(TinyEmbedding):
-        def forward(self, x):
-            calls.append(x.shape[0])
-            return super().forward(x)
+    calls, alive_at_call, refs = [], [], []
 
-    cr = ContrastiveRegularization(Counting(), layer_weights=[1.0, 1.0])
-    cr(torch.rand(2, 3, 8, 8), positive=torch.rand(2, 3, 8, 8), negative=torch.rand(2, 3, 3, 8, 8))
-    assert sorted(calls) == [2, 8]  # the anchors, then 2 * (1 positive + 3 negatives) together
+    class Streaming(TinyEmbedding):
+        def iter_features(self, x):
+            calls.append((x.shape[0], torch.is_grad_enabled()))
+            alive_at_call.append(sum(r() is not None for r in refs))
+            for f in self(x):
+                refs.append(weakref.ref(f))
+                yield f
+
+    emb = Streaming()
+    cr = ContrastiveRegularization(emb, layer_weights=[1.0, 1.0])
+    out, pos, neg = torch.rand(2, 3, 8, 8), torch.rand(2, 3, 8, 8), torch.rand(2, 3, 3, 8, 8)
+    loss = cr(out, positive=pos, negative=neg)
+    # One pass per sample set (1 positive, then 3 negatives), each a batch of B = 2, no graph.
+    assert calls == [(2, False)] * 4
+    # No feature map of an earlier set is alive when the next set starts.
+    assert alive_at_call == [0, 0, 0, 0]
+    expected = loop_cr(emb, out, pos[:, None], neg, [1.0, 1.0], "mean")
+    assert loss.item() == pytest.approx(expected, rel=1e-5)
 
 
 def test_functional_equals_module():

@@ -9,7 +9,7 @@ image and pushed away from the hazy input in the embedding space.
 """
 from __future__ import annotations
 
-from typing import Literal, Optional, Sequence
+from typing import Iterator, Literal, Optional, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -101,7 +101,7 @@ def contrastive_regularization(
                 f"positive_feats[{i}]: expected (B, P, {', '.join(map(str, anchor.shape[1:]))}) "
                 f"with B={anchor.shape[0]}, got {tuple(pos.shape)}"
             )
-        term = _reduce(_l1_per_sample(anchor, pos), None, reduction)
+        neg_distances = None
         if negative_feats is not None:
             neg = negative_feats[i].detach()
             if neg.dim() != 5 or neg.shape[0] != anchor.shape[0] or neg.shape[2:] != anchor.shape[1:]:
@@ -109,10 +109,22 @@ def contrastive_regularization(
                     f"negative_feats[{i}]: expected (B, N, {', '.join(map(str, anchor.shape[1:]))}) "
                     f"with B={anchor.shape[0]}, got {tuple(neg.shape)}"
                 )
-            weights = _check_negative_weights(negative_weights, neg.shape[0], neg.shape[1], anchor)
-            term = term / (_reduce(_l1_per_sample(anchor, neg), weights, reduction) + eps)
+            neg_distances = _l1_per_sample(anchor, neg)
+        term = _layer_term(_l1_per_sample(anchor, pos), neg_distances, negative_weights, reduction, eps)
         loss = loss + w * term
     return loss
+
+
+def _layer_term(pos_distances: Tensor, neg_distances: Optional[Tensor], negative_weights: Optional[Tensor],
+                reduction: str, eps: float) -> Tensor:
+    """One layer's D(out, positives) / (D(out, negatives) + eps) from (B, P) and (B, N) distances
+    (the numerator alone without negatives)."""
+    term = _reduce(pos_distances, None, reduction)
+    if neg_distances is None:
+        return term
+    b, n = neg_distances.shape
+    weights = _check_negative_weights(negative_weights, b, n, neg_distances)
+    return term / (_reduce(neg_distances, weights, reduction) + eps)
 
 
 def _check_negative_weights(weights: Optional[Tensor], b: int, n: int, like: Tensor) -> Optional[Tensor]:
@@ -183,23 +195,44 @@ class ContrastiveRegularization(nn.Module):
             negative = _as_samples("negative", negative, out)
         else:
             negative = None
-        n_pos = positive.shape[1]
-        with torch.no_grad():
-            # Positives and negatives go through the embedding in one batched pass, no gradient.
-            stacked = positive if negative is None else torch.cat([positive, negative], dim=1)
-            feats = self.embedding(stacked.flatten(0, 1))
-            feats = [f.unflatten(0, stacked.shape[:2]) for f in feats]
         out_feats = self.embedding(out)
         if len(out_feats) != len(self.layer_weights):
             raise ValueError(
                 f"layer_weights: {len(self.layer_weights)} weights but the embedding returns "
                 f"{len(out_feats)} feature maps"
             )
-        pos_feats = [f[:, :n_pos] for f in feats]
-        neg_feats = None if negative is None else [f[:, n_pos:] for f in feats]
-        return contrastive_regularization(
-            out_feats, pos_feats, neg_feats, self.layer_weights, negative_weights, self.reduction, self.eps
-        )
+        samples = positive if negative is None else torch.cat([positive, negative], dim=1)
+        # distances[i][n]: (B,) mean |f_i(out) - f_i(sample n)|, positives first. Each set of
+        # samples goes through the embedding on its own, without gradient, and each of its
+        # layers is dropped once its distance is taken (only an int8 sign stays, for backward):
+        # on top of the anchor's graph, the step's peak memory, only one batch of B images and
+        # one layer at a time is alive, not every layer of every sample.
+        distances: list[list[Tensor]] = [[] for _ in out_feats]
+        for n in range(samples.shape[1]):
+            with torch.no_grad():
+                feats = self._iter_features(samples[:, n])
+            for i, anchor in enumerate(out_feats):
+                with torch.no_grad():
+                    feat = next(feats, None)
+                if feat is None or feat.shape != anchor.shape:
+                    raise ValueError(
+                        f"embedding: layer {i} of the samples has shape {None if feat is None else tuple(feat.shape)}, "
+                        f"out's has {tuple(anchor.shape)}"
+                    )
+                distances[i].append(_MeanAbsDiff.apply(anchor, feat.to(anchor.dtype)))
+                del feat
+        n_pos = positive.shape[1]
+        loss = out_feats[0].new_zeros(())
+        for w, per_sample in zip(self.layer_weights, distances):
+            d = torch.stack(per_sample, dim=1)
+            neg = d[:, n_pos:] if negative is not None else None
+            loss = loss + w * _layer_term(d[:, :n_pos], neg, negative_weights, self.reduction, self.eps)
+        return loss
+
+    def _iter_features(self, x: Tensor) -> Iterator[Tensor]:
+        if hasattr(self.embedding, "iter_features"):
+            return self.embedding.iter_features(x)
+        return iter(self.embedding(x))
 
 
 def _shape(x) -> str:

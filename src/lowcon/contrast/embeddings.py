@@ -9,7 +9,7 @@ import os
 import urllib.error
 import warnings
 from pathlib import Path
-from typing import Sequence, Union
+from typing import Iterator, Sequence, Union
 
 import torch
 from torch import Tensor, nn
@@ -107,19 +107,22 @@ class VGG19Features(nn.Module):
         return super().train(False)
 
     def forward(self, x: Tensor) -> list[Tensor]:
+        return list(self.iter_features(x))
+
+    def iter_features(self, x: Tensor) -> Iterator[Tensor]:
+        """The features of ``forward``, one layer at a time: a caller that is done with a layer
+        before asking for the next never holds more than two layers' maps."""
         if x.dim() != 4 or x.shape[1] != 3:
             raise ValueError(f"x: expected (B, 3, H, W) images, got shape {tuple(x.shape)}")
         if self.normalize_input:
             x = (x - self.mean) / self.std
-        feats = []
         recompute = torch.is_grad_enabled() and x.requires_grad
         for i, block in enumerate(self.slices):
             if recompute and i < self.checkpoint_slices:
                 x = checkpoint(block, x, use_reentrant=False)
             else:
                 x = block(x)
-            feats.append(x)
-        return feats
+            yield x
 
 
 def _build_vgg19_features(weights: WeightsArg) -> nn.Sequential:

@@ -7,9 +7,9 @@ One class covers the three, as the official ``cut_model.py`` / ``sincut_model.py
 - FastCUT: ``lambda_NCE=10``, ``nce_idt=False``, ``flip_equivariance=True``,
   G loss = lambda_GAN * GAN + lambda_NCE * NCE_X.
 - SinCUT: CUT plus an R1 gradient penalty on D (``lambda_R1``), an L1 identity loss
-  ``lambda_identity * |G(real_B) - real_B|`` and negatives from the whole minibatch. The official
-  SinCUT uses StyleGAN2 networks; here it runs on the networks it is given (lowcon's presets use
-  the ResNet generator and the PatchGAN, see ``configs/sincut.yaml``).
+  ``lambda_identity * |G(real_B) - real_B|`` and negatives from the whole minibatch. It runs on
+  the networks it is given; the sincut preset uses the official StyleGAN2-style ones
+  (:mod:`lowcon.models.stylegan2`, ``netG``/``netD: stylegan2``).
 
 Each step updates D first on the detached fakes, then G and the projection head together, as
 the official ``optimize_parameters``. Data come in [0, 1] and are mapped to [-1, 1] here. Logged
