@@ -171,3 +171,63 @@ def test_checkpointed_blocks_keep_outputs_features_and_gradients():
     torch.testing.assert_close(results[1][0], results[0][0])
     for a, b in zip(results[1][1], results[0][1]):
         torch.testing.assert_close(a, b)
+
+
+def _plain_block(block: ResnetBlock, x: torch.Tensor) -> torch.Tensor:
+    """The block through the plain modules and autograd (the fused path bypassed)."""
+    return x + block.conv_block(x)
+
+
+def test_fused_block_matches_the_plain_modules_values_and_gradients():
+    torch.manual_seed(0)
+    block = ResnetBlock(5).double()
+    assert block.fused
+    x = torch.randn(2, 5, 7, 9, dtype=torch.float64, requires_grad=True)
+    params = list(block.parameters())
+    out = block(x)
+    grad = torch.randn_like(out)
+    fused = torch.autograd.grad(out, [x, *params], grad)
+    plain_out = _plain_block(block, x)
+    plain = torch.autograd.grad(plain_out, [x, *params], grad)
+    torch.testing.assert_close(out, plain_out, rtol=0, atol=1e-12)
+    for a, b in zip(fused, plain):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-11)
+
+
+def test_fused_norm_relu_pad_conv_passes_gradcheck():
+    from lowcon.models.resnet_generator import _NormReLUPadConv
+
+    g = torch.Generator().manual_seed(1)
+    h = torch.randn(2, 3, 4, 5, dtype=torch.float64, generator=g, requires_grad=True)
+    w = torch.randn(4, 3, 3, 3, dtype=torch.float64, generator=g, requires_grad=True)
+    b = torch.randn(4, dtype=torch.float64, generator=g, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda h, w, b: _NormReLUPadConv.apply(h, w, b, 1e-5), (h, w, b))
+
+
+def test_fused_block_does_not_keep_the_relu_output_its_padded_copy_or_the_norm_statistics():
+    def saved_bytes(block, x):
+        storages = {}
+
+        def pack(t):
+            storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            block(x)
+        return sum(storages.values())
+
+    b, c, h, w = 2, 4, 6, 8
+    block = ResnetBlock(c)
+    x = torch.randn(b, c, h, w, requires_grad=True)
+    fused = saved_bytes(block, x)
+    block.fused = False
+    plain = saved_bytes(block, x)
+    relu_out, padded = b * c * h * w * 4, b * c * (h + 2) * (w + 2) * 4
+    norm_statistics = 2 * b * c * 4  # mean and 1/std, which the fused backward recomputes
+    assert plain - fused == relu_out + padded + norm_statistics
+
+
+def test_blocks_that_are_not_the_official_one_are_not_fused():
+    assert not ResnetBlock(4, padding="zero").fused
+    assert not ResnetBlock(4, norm="batch").fused
+    assert not ResnetBlock(4, dropout=True).fused

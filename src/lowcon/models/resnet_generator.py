@@ -22,10 +22,12 @@ the named layer's own output. With the defaults the features are identical.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.autograd.function import once_differentiable
 from torch.utils.checkpoint import checkpoint
 
 from lowcon.models.blur import Downsample, Upsample
@@ -82,9 +84,54 @@ class ResnetBlock(nn.Module):
                     layers.append(nn.Dropout(0.5))
         # Named as in the official code so that its checkpoints load.
         self.conv_block = nn.Sequential(*layers)
+        # The official block (instance norm, reflection padding, no dropout) trains through
+        # _NormReLUPadConv: the same function, with two fewer activations kept for backward.
+        self.fused = norm == "instance" and padding == "reflect" and not dropout
 
     def forward(self, x: Tensor) -> Tensor:
+        if self.fused and torch.is_grad_enabled() and not torch.is_autocast_enabled(x.device.type):
+            pad, conv1, norm1, _, _, conv2, norm2 = self.conv_block
+            h = conv1(pad(x))
+            return x + norm2(_NormReLUPadConv.apply(h, conv2.weight, conv2.bias, norm1.eps))
         return x + self.conv_block(x)
+
+
+class _NormReLUPadConv(torch.autograd.Function):
+    """``conv3x3(reflect_pad1(relu(instance_norm(h))))`` keeping only `h` for backward.
+
+    Autograd would keep the normalised map (for ReLU's backward) and its padded copy (for the
+    convolution's), two more maps of h's size per residual block. Backward recomputes both from
+    `h` (elementwise work and a copy) and then runs the same convolution, ReLU and instance-norm
+    backward formulas.
+    """
+
+    @staticmethod
+    def forward(ctx, h: Tensor, weight: Tensor, bias: Optional[Tensor], eps: float) -> Tensor:  # noqa: D401
+        # The same kernels as the unfused modules, so the forward values are bit for bit theirs.
+        padded = F.pad(F.relu(F.instance_norm(h, eps=eps)), (1, 1, 1, 1), mode="reflect")
+        ctx.save_for_backward(h, weight)
+        ctx.has_bias, ctx.eps = bias is not None, eps
+        return F.conv2d(padded, weight, bias)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad: Tensor):
+        h, weight = ctx.saved_tensors
+        normed = F.instance_norm(h, eps=ctx.eps)
+        rstd = torch.rsqrt(h.var((2, 3), unbiased=False, keepdim=True) + ctx.eps)
+        padded = F.pad(normed.clamp_min(0), (1, 1, 1, 1), mode="reflect")
+        need_w, need_b = ctx.needs_input_grad[1], ctx.has_bias and ctx.needs_input_grad[2]
+        grad_padded, grad_w, grad_b = torch.ops.aten.convolution_backward(
+            grad, padded, weight, [weight.shape[0]] if ctx.has_bias else None, [1, 1], [0, 0], [1, 1], False,
+            [0, 0], 1, [True, need_w, need_b])
+        del padded
+        g = torch.ops.aten.reflection_pad2d_backward(grad_padded, normed, [1, 1, 1, 1])
+        g = g.mul_(normed > 0)  # ReLU
+        # Instance norm: d/dh of (h - mean) * rstd, per sample and channel.
+        g_mean = g.mean((2, 3), keepdim=True)
+        g_normed_mean = (g * normed).mean((2, 3), keepdim=True)
+        grad_h = (g - g_mean - normed * g_normed_mean).mul_(rstd)
+        return grad_h, grad_w, grad_b, None
 
 
 def _pad_to_multiple(x: Tensor, multiple: int) -> Tensor:
