@@ -231,3 +231,64 @@ def test_blocks_that_are_not_the_official_one_are_not_fused():
     assert not ResnetBlock(4, padding="zero").fused
     assert not ResnetBlock(4, norm="batch").fused
     assert not ResnetBlock(4, dropout=True).fused
+
+
+def test_down_steps_train_fused_with_the_values_and_gradients_of_the_plain_layers(monkeypatch):
+    torch.manual_seed(0)
+    net = ResnetGenerator(ngf=4, n_blocks=1, nce_layers=(0, 4, 8, 12)).double()
+    x = torch.randn(2, 3, 16, 20, dtype=torch.float64, requires_grad=True)
+    params = list(net.parameters())
+
+    def run():
+        out, feats = net.forward_with_features(x)
+        loss = (out * torch.linspace(-1, 1, out.numel(), dtype=out.dtype).view_as(out)).sum() \
+            + sum((f ** 2).mean() for f in feats)
+        return [out, *feats], torch.autograd.grad(loss, [x, *params])
+
+    fused_values, fused_grads = run()
+    monkeypatch.setattr(net, "_norm_relu_blurpool_at", lambda *args: False)
+    plain_values, plain_grads = run()
+    for a, b in zip(fused_values + list(fused_grads), plain_values + list(plain_grads)):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-11)
+
+
+def test_fused_norm_relu_blurpool_passes_gradcheck():
+    from lowcon.models.resnet_generator import _NormReLUBlurPool
+
+    down = Downsample(3).double()
+    h = torch.randn(2, 3, 6, 7, dtype=torch.float64, generator=torch.Generator().manual_seed(2),
+                    requires_grad=True)
+    assert torch.autograd.gradcheck(lambda h: _NormReLUBlurPool.apply(h, down.filt, 1e-5, 2), (h,))
+
+
+def test_fused_down_steps_keep_two_maps_fewer_each(monkeypatch):
+    def saved_bytes(net, x):
+        storages = {}
+
+        def pack(t):
+            storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            net(x)
+        return sum(storages.values())
+
+    b, ngf, h, w = 2, 4, 16, 12
+    net = ResnetGenerator(ngf=ngf, n_blocks=1)
+    x = torch.randn(b, 3, h, w)
+    fused = saved_bytes(net, x)
+    monkeypatch.setattr(net, "_norm_relu_blurpool_at", lambda *args: False)
+    plain = saved_bytes(net, x)
+    # Per down step: the ReLU output, its padded copy and the norm's mean and 1/std.
+    step1 = b * 2 * ngf * (h * w + (h + 2) * (w + 2) + 2) * 4
+    step2 = b * 4 * ngf * ((h // 2) * (w // 2) + (h // 2 + 2) * (w // 2 + 2) + 2) * 4
+    assert plain - fused == step1 + step2
+
+
+def test_a_requested_inner_feature_keeps_the_down_step_unfused():
+    torch.manual_seed(0)
+    net = ResnetGenerator(ngf=4, n_blocks=1)
+    x = torch.randn(1, 3, 16, 16)
+    (feat,) = net.forward_features(x, [6])  # the first down step's ReLU output
+    with torch.no_grad():
+        torch.testing.assert_close(feat, net.model[:7](x))

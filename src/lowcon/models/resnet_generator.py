@@ -118,20 +118,54 @@ class _NormReLUPadConv(torch.autograd.Function):
     def backward(ctx, grad: Tensor):
         h, weight = ctx.saved_tensors
         normed = F.instance_norm(h, eps=ctx.eps)
-        rstd = torch.rsqrt(h.var((2, 3), unbiased=False, keepdim=True) + ctx.eps)
-        padded = F.pad(normed.clamp_min(0), (1, 1, 1, 1), mode="reflect")
+        padded = F.pad(F.relu(normed), (1, 1, 1, 1), mode="reflect")
         need_w, need_b = ctx.needs_input_grad[1], ctx.has_bias and ctx.needs_input_grad[2]
         grad_padded, grad_w, grad_b = torch.ops.aten.convolution_backward(
             grad, padded, weight, [weight.shape[0]] if ctx.has_bias else None, [1, 1], [0, 0], [1, 1], False,
             [0, 0], 1, [True, need_w, need_b])
         del padded
-        g = torch.ops.aten.reflection_pad2d_backward(grad_padded, normed, [1, 1, 1, 1])
-        g = g.mul_(normed > 0)  # ReLU
-        # Instance norm: d/dh of (h - mean) * rstd, per sample and channel.
-        g_mean = g.mean((2, 3), keepdim=True)
-        g_normed_mean = (g * normed).mean((2, 3), keepdim=True)
-        grad_h = (g - g_mean - normed * g_normed_mean).mul_(rstd)
+        grad_h = _norm_relu_backward(torch.ops.aten.reflection_pad2d_backward(grad_padded, normed, [1, 1, 1, 1]),
+                                     h, normed, ctx.eps)
         return grad_h, grad_w, grad_b, None
+
+
+class _NormReLUBlurPool(torch.autograd.Function):
+    """``Downsample(relu(instance_norm(h)))`` (reflect pad 1, fixed 3x3 blur, stride) keeping only `h`.
+
+    Autograd would keep the normalised map (ReLU) and its padded copy (the blur's convolution,
+    whose input it keeps although its filter is fixed): two maps of h's size, at full resolution
+    in the generator's first down step. Backward recomputes them from `h`.
+    """
+
+    @staticmethod
+    def forward(ctx, h: Tensor, filt: Tensor, eps: float, stride: int) -> Tensor:  # noqa: D401
+        padded = F.pad(F.relu(F.instance_norm(h, eps=eps)), (1, 1, 1, 1), mode="reflect")
+        ctx.save_for_backward(h, filt)
+        ctx.eps, ctx.stride = eps, stride
+        return F.conv2d(padded, filt, stride=stride, groups=h.shape[1])
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad: Tensor):
+        h, filt = ctx.saved_tensors
+        normed = F.instance_norm(h, eps=ctx.eps)
+        padded = F.pad(F.relu(normed), (1, 1, 1, 1), mode="reflect")
+        (grad_padded, _, _) = torch.ops.aten.convolution_backward(
+            grad, padded, filt, None, [ctx.stride] * 2, [0, 0], [1, 1], False, [0, 0], h.shape[1],
+            [True, False, False])
+        del padded
+        grad_h = _norm_relu_backward(torch.ops.aten.reflection_pad2d_backward(grad_padded, normed, [1, 1, 1, 1]),
+                                     h, normed, ctx.eps)
+        return grad_h, None, None, None
+
+
+def _norm_relu_backward(grad: Tensor, h: Tensor, normed: Tensor, eps: float) -> Tensor:
+    """Gradient to `h` of ``relu(instance_norm(h))`` given the gradient to its output (reused)."""
+    g = grad.mul_(normed > 0)
+    rstd = torch.rsqrt(h.var((2, 3), unbiased=False, keepdim=True) + eps)
+    g_mean = g.mean((2, 3), keepdim=True)
+    g_normed_mean = (g * normed).mean((2, 3), keepdim=True)
+    return (g - g_mean - normed * g_normed_mean).mul_(rstd)
 
 
 def _pad_to_multiple(x: Tensor, multiple: int) -> Tensor:
@@ -279,15 +313,32 @@ class ResnetGenerator(nn.Module):
     def _run(self, x: Tensor, layers: tuple[int, ...], last: int) -> tuple[Tensor, list[Tensor]]:
         wanted, found = set(layers), {}
         recompute = self.checkpoint_blocks and torch.is_grad_enabled()
-        for index in range(last + 1):
+        fuse = torch.is_grad_enabled() and not torch.is_autocast_enabled(x.device.type)
+        index = 0
+        while index <= last:
             layer = self.model[index]
-            if recompute and isinstance(layer, ResnetBlock):
+            if fuse and self._norm_relu_blurpool_at(index, last, wanted):
+                norm, down = layer, self.model[index + 2]
+                x = _NormReLUBlurPool.apply(x, down.filt, norm.eps, down.stride)
+                index += 2  # the three layers ran as one; only the last one's output exists
+            elif recompute and isinstance(layer, ResnetBlock):
                 x = checkpoint(layer, x, use_reentrant=False)
             else:
                 x = layer(x)
             if index in wanted:
                 found[index] = x
+            index += 1
         return x, [found[k] for k in layers]
+
+    def _norm_relu_blurpool_at(self, index: int, last: int, wanted: set[int]) -> bool:
+        """Whether layers index..index+2 are [instance norm, ReLU, reflect blur-pool] whose inner
+        outputs nobody asked for: then they train as one `_NormReLUBlurPool`."""
+        if index + 2 > last or index in wanted or index + 1 in wanted:
+            return False
+        norm, act, down = self.model[index:index + 3]
+        return (isinstance(norm, nn.InstanceNorm2d) and not norm.affine and not norm.track_running_stats
+                and isinstance(act, nn.ReLU) and isinstance(down, Downsample) and down.padding == "reflect"
+                and down.pad_sizes == (1, 1, 1, 1))
 
     def _check_layers(self, layers: Sequence[int]) -> tuple[int, ...]:
         layers = tuple(layers)
