@@ -5,7 +5,7 @@ heap, and that threshold rises on its own (up to 32 MB) each time a large block 
 training step allocates and frees activations of many sizes in a fixed pattern; served from the
 heap they leave free holes between live blocks that the next step cannot always reuse, so the
 process's resident memory peaks well above the memory that is actually live at any moment (on
-the AECR-Net benchmark step, 1.48 GB against 1.19 GB live).
+the AECR-Net benchmark step with activation checkpointing, 1.48 GB against 1.19 GB live).
 
 :func:`map_large_allocations` fixes the threshold: every block of at least ``threshold_mb`` gets
 its own mapping, returned to the system the moment its tensor is freed. The cost is the page
