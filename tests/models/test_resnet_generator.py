@@ -253,12 +253,12 @@ def test_down_steps_train_fused_with_the_values_and_gradients_of_the_plain_layer
 
 
 def test_fused_norm_relu_blurpool_passes_gradcheck():
-    from lowcon.models.resnet_generator import _NormReLUBlurPool
+    from lowcon.models.resnet_generator import _NormReLUPadConv
 
     down = Downsample(3).double()
     h = torch.randn(2, 3, 6, 7, dtype=torch.float64, generator=torch.Generator().manual_seed(2),
                     requires_grad=True)
-    assert torch.autograd.gradcheck(lambda h: _NormReLUBlurPool.apply(h, down.filt, 1e-5, 2), (h,))
+    assert torch.autograd.gradcheck(lambda h: _NormReLUPadConv.apply(h, down.filt, None, 1e-5, 2, 3), (h,))
 
 
 def test_fused_down_steps_keep_two_maps_fewer_each(monkeypatch):

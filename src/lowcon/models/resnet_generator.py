@@ -97,21 +97,24 @@ class ResnetBlock(nn.Module):
 
 
 class _NormReLUPadConv(torch.autograd.Function):
-    """``conv3x3(reflect_pad1(relu(instance_norm(h))))`` keeping only `h` for backward.
+    """``conv2d(reflect_pad1(relu(instance_norm(h))), weight, bias, stride, groups)`` keeping only
+    `h` (and the weight) for backward.
 
     Autograd would keep the normalised map (for ReLU's backward) and its padded copy (for the
-    convolution's), two more maps of h's size per residual block. Backward recomputes both from
-    `h` (elementwise work and a copy) and then runs the same convolution, ReLU and instance-norm
-    backward formulas.
+    convolution's, even when its filter is fixed): two more maps of h's size. Backward recomputes
+    both from `h` (elementwise work and a copy) and then runs the same convolution, ReLU and
+    instance-norm backward formulas. Used for each residual block's second conv, and for the
+    blur-pool of each anti-aliased down step (a fixed depthwise filter with stride 2).
     """
 
     @staticmethod
-    def forward(ctx, h: Tensor, weight: Tensor, bias: Optional[Tensor], eps: float) -> Tensor:  # noqa: D401
+    def forward(ctx, h: Tensor, weight: Tensor, bias: Optional[Tensor], eps: float, stride: int = 1,
+                groups: int = 1) -> Tensor:  # noqa: D401
         # The same kernels as the unfused modules, so the forward values are bit for bit theirs.
         padded = F.pad(F.relu(F.instance_norm(h, eps=eps)), (1, 1, 1, 1), mode="reflect")
         ctx.save_for_backward(h, weight)
-        ctx.has_bias, ctx.eps = bias is not None, eps
-        return F.conv2d(padded, weight, bias)
+        ctx.has_bias, ctx.eps, ctx.stride, ctx.groups = bias is not None, eps, stride, groups
+        return F.conv2d(padded, weight, bias, stride=stride, groups=groups)
 
     @staticmethod
     @once_differentiable
@@ -121,42 +124,12 @@ class _NormReLUPadConv(torch.autograd.Function):
         padded = F.pad(F.relu(normed), (1, 1, 1, 1), mode="reflect")
         need_w, need_b = ctx.needs_input_grad[1], ctx.has_bias and ctx.needs_input_grad[2]
         grad_padded, grad_w, grad_b = torch.ops.aten.convolution_backward(
-            grad, padded, weight, [weight.shape[0]] if ctx.has_bias else None, [1, 1], [0, 0], [1, 1], False,
-            [0, 0], 1, [True, need_w, need_b])
+            grad, padded, weight, [weight.shape[0]] if ctx.has_bias else None, [ctx.stride] * 2, [0, 0], [1, 1],
+            False, [0, 0], ctx.groups, [True, need_w, need_b])
         del padded
         grad_h = _norm_relu_backward(torch.ops.aten.reflection_pad2d_backward(grad_padded, normed, [1, 1, 1, 1]),
                                      h, normed, ctx.eps)
-        return grad_h, grad_w, grad_b, None
-
-
-class _NormReLUBlurPool(torch.autograd.Function):
-    """``Downsample(relu(instance_norm(h)))`` (reflect pad 1, fixed 3x3 blur, stride) keeping only `h`.
-
-    Autograd would keep the normalised map (ReLU) and its padded copy (the blur's convolution,
-    whose input it keeps although its filter is fixed): two maps of h's size, at full resolution
-    in the generator's first down step. Backward recomputes them from `h`.
-    """
-
-    @staticmethod
-    def forward(ctx, h: Tensor, filt: Tensor, eps: float, stride: int) -> Tensor:  # noqa: D401
-        padded = F.pad(F.relu(F.instance_norm(h, eps=eps)), (1, 1, 1, 1), mode="reflect")
-        ctx.save_for_backward(h, filt)
-        ctx.eps, ctx.stride = eps, stride
-        return F.conv2d(padded, filt, stride=stride, groups=h.shape[1])
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, grad: Tensor):
-        h, filt = ctx.saved_tensors
-        normed = F.instance_norm(h, eps=ctx.eps)
-        padded = F.pad(F.relu(normed), (1, 1, 1, 1), mode="reflect")
-        (grad_padded, _, _) = torch.ops.aten.convolution_backward(
-            grad, padded, filt, None, [ctx.stride] * 2, [0, 0], [1, 1], False, [0, 0], h.shape[1],
-            [True, False, False])
-        del padded
-        grad_h = _norm_relu_backward(torch.ops.aten.reflection_pad2d_backward(grad_padded, normed, [1, 1, 1, 1]),
-                                     h, normed, ctx.eps)
-        return grad_h, None, None, None
+        return grad_h, grad_w if need_w else None, grad_b if need_b else None, None, None, None
 
 
 def _norm_relu_backward(grad: Tensor, h: Tensor, normed: Tensor, eps: float) -> Tensor:
@@ -319,7 +292,7 @@ class ResnetGenerator(nn.Module):
             layer = self.model[index]
             if fuse and self._norm_relu_blurpool_at(index, last, wanted):
                 norm, down = layer, self.model[index + 2]
-                x = _NormReLUBlurPool.apply(x, down.filt, norm.eps, down.stride)
+                x = _NormReLUPadConv.apply(x, down.filt, None, norm.eps, down.stride, down.channels)
                 index += 2  # the three layers ran as one; only the last one's output exists
             elif recompute and isinstance(layer, ResnetBlock):
                 x = checkpoint(layer, x, use_reentrant=False)
@@ -332,7 +305,7 @@ class ResnetGenerator(nn.Module):
 
     def _norm_relu_blurpool_at(self, index: int, last: int, wanted: set[int]) -> bool:
         """Whether layers index..index+2 are [instance norm, ReLU, reflect blur-pool] whose inner
-        outputs nobody asked for: then they train as one `_NormReLUBlurPool`."""
+        outputs nobody asked for: then they train as one `_NormReLUPadConv`."""
         if index + 2 > last or index in wanted or index + 1 in wanted:
             return False
         norm, act, down = self.model[index:index + 3]
