@@ -25,15 +25,8 @@ from lowcon.translation import (
 
 
 # Untrained tiny generators give every input the same grey: the collapse check rightly says so.
-pytestmark = pytest.mark.filterwarnings("ignore::lowcon.translation.CollapseWarning")
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = [pytest.mark.filterwarnings("ignore::lowcon.translation.CollapseWarning"),
+              pytest.mark.usefixtures("one_thread")]
 
 
 @pytest.fixture(scope="module")

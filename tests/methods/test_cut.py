@@ -15,13 +15,7 @@ from lowcon.models.resnet_generator import ResnetGenerator
 LAYERS = (0, 4, 8, 12)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # Tiny networks: threads only add contention on a shared machine.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny networks (tests/conftest.py)
 
 
 def tiny_cut(seed: int = 0, **kwargs) -> CUT:

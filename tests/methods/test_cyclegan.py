@@ -10,12 +10,7 @@ from lowcon.models.patch_discriminator import PatchDiscriminator
 from lowcon.models.resnet_generator import ResnetGenerator
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny networks (tests/conftest.py)
 
 
 def tiny_cyclegan(seed: int = 0, **kwargs) -> CycleGAN:

@@ -204,18 +204,7 @@ def test_fused_norm_relu_pad_conv_passes_gradcheck():
     assert torch.autograd.gradcheck(lambda h, w, b: _NormReLUPadConv.apply(h, w, b, 1e-5), (h, w, b))
 
 
-def test_fused_block_does_not_keep_the_relu_output_its_padded_copy_or_the_norm_statistics():
-    def saved_bytes(block, x):
-        storages = {}
-
-        def pack(t):
-            storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
-            return t
-
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            block(x)
-        return sum(storages.values())
-
+def test_fused_block_does_not_keep_the_relu_output_its_padded_copy_or_the_norm_statistics(saved_bytes):
     b, c, h, w = 2, 4, 6, 8
     block = ResnetBlock(c)
     x = torch.randn(b, c, h, w, requires_grad=True)
@@ -261,18 +250,7 @@ def test_fused_norm_relu_blurpool_passes_gradcheck():
     assert torch.autograd.gradcheck(lambda h: _NormReLUPadConv.apply(h, down.filt, None, 1e-5, 2, 3), (h,))
 
 
-def test_fused_down_steps_keep_two_maps_fewer_each(monkeypatch):
-    def saved_bytes(net, x):
-        storages = {}
-
-        def pack(t):
-            storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
-            return t
-
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            net(x)
-        return sum(storages.values())
-
+def test_fused_down_steps_keep_two_maps_fewer_each(monkeypatch, saved_bytes):
     b, ngf, h, w = 2, 4, 16, 12
     net = ResnetGenerator(ngf=ngf, n_blocks=1)
     x = torch.randn(b, 3, h, w)

@@ -31,12 +31,7 @@ from lowcon.translation import TranslationConfig, build_discriminator, build_gen
 BLUR_1331 = np.outer([1, 3, 3, 1], [1, 3, 3, 1]) / 64.0
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny networks (tests/conftest.py)
 
 
 def _count(net: nn.Module) -> int:
