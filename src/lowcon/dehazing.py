@@ -24,7 +24,7 @@ from .metrics.protocols import DEFAULT_PROTOCOL, get_protocol
 from .models.aecrnet import AECRNET_VARIANTS, AECRNet, build_aecrnet
 from .report import markdown_table, write_text_atomic
 from .training import Trainer, load_checkpoint, save_checkpoint
-from .training.memory import map_large_allocations
+from .training.memory import check_heap_mmap_threshold, map_large_allocations
 
 __all__ = [
     "DehazeConfig", "build_dehaze_method", "train_dehaze", "load_dehazer", "dehaze_tensor",
@@ -102,9 +102,7 @@ class DehazeConfig:
                 raise ValueError(f"{name}: must be >= 1, got {getattr(self, name)}")
         if self.crop % 4:
             raise ValueError(f"crop: must be a multiple of 4 (the network downsamples 4x), got {self.crop}")
-        if not 0 <= self.heap_mmap_threshold_mb <= 32:
-            raise ValueError(f"heap_mmap_threshold_mb: expected 0 (off) or a value in (0, 32], "
-                             f"got {self.heap_mmap_threshold_mb}")
+        check_heap_mmap_threshold(self.heap_mmap_threshold_mb)
         needed = max(self.num_positives, self.num_negatives)
         if needed > self.batch_size:
             raise ValueError(f"num_negatives/num_positives: {needed} samples per anchor need batch_size >= {needed}")

@@ -49,7 +49,7 @@ from lowcon.models.stylegan2 import (
 )
 from lowcon.training.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from lowcon.training.loop import Trainer
-from lowcon.training.memory import map_large_allocations
+from lowcon.training.memory import check_heap_mmap_threshold, map_large_allocations
 
 __all__ = [
     "TranslationConfig",
@@ -219,9 +219,7 @@ class TranslationConfig:
             raise ValueError(f"device: expected auto, cpu, cuda or cuda:N, got {self.device!r}")
         if not self.run_dir:
             raise ValueError("run_dir: must not be empty")
-        if not 0 <= self.heap_mmap_threshold_mb <= 32:
-            raise ValueError(f"heap_mmap_threshold_mb: expected 0 (off) or a value in (0, 32], "
-                             f"got {self.heap_mmap_threshold_mb}")
+        check_heap_mmap_threshold(self.heap_mmap_threshold_mb)
         self._validate_stylegan2()
         if self.is_cut:
             self._validate_cut()

@@ -18,10 +18,21 @@ import ctypes
 import ctypes.util
 import platform
 
-__all__ = ["map_large_allocations"]
+__all__ = ["map_large_allocations", "check_heap_mmap_threshold"]
 
 _M_MMAP_THRESHOLD = -3  # mallopt parameter (malloc.h)
 _MAX_THRESHOLD_MB = 32  # glibc's HEAP_MAX / DEFAULT_MMAP_THRESHOLD_MAX on 64-bit
+
+
+def check_heap_mmap_threshold(threshold_mb: float) -> None:
+    """The config key ``heap_mmap_threshold_mb``: 0 (glibc's default) or a value in (0, 32] MB.
+
+    Raises:
+        ValueError: one line naming the key.
+    """
+    if not 0 <= threshold_mb <= _MAX_THRESHOLD_MB:
+        raise ValueError(f"heap_mmap_threshold_mb: expected 0 (off) or a value in (0, {_MAX_THRESHOLD_MB}], "
+                         f"got {threshold_mb}")
 
 
 def map_large_allocations(threshold_mb: float) -> bool:
