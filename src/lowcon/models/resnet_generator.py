@@ -120,7 +120,7 @@ class _NormReLUPadConv(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, grad: Tensor):
         h, weight = ctx.saved_tensors
-        normed = F.instance_norm(h, eps=ctx.eps)
+        normed, mean, invstd = _instance_norm_with_stats(h, ctx.eps)
         padded = F.pad(F.relu(normed), (1, 1, 1, 1), mode="reflect")
         need_w, need_b = ctx.needs_input_grad[1], ctx.has_bias and ctx.needs_input_grad[2]
         grad_padded, grad_w, grad_b = torch.ops.aten.convolution_backward(
@@ -128,17 +128,33 @@ class _NormReLUPadConv(torch.autograd.Function):
             False, [0, 0], ctx.groups, [True, need_w, need_b])
         del padded
         grad_h = _norm_relu_backward(torch.ops.aten.reflection_pad2d_backward(grad_padded, normed, [1, 1, 1, 1]),
-                                     h, normed, ctx.eps)
+                                     h, normed, mean, invstd, ctx.eps)
         return grad_h, grad_w if need_w else None, grad_b if need_b else None, None, None, None
 
 
-def _norm_relu_backward(grad: Tensor, h: Tensor, normed: Tensor, eps: float) -> Tensor:
-    """Gradient to `h` of ``relu(instance_norm(h))`` given the gradient to its output (reused)."""
-    g = grad.mul_(normed > 0)
-    rstd = torch.rsqrt(h.var((2, 3), unbiased=False, keepdim=True) + eps)
-    g_mean = g.mean((2, 3), keepdim=True)
-    g_normed_mean = (g * normed).mean((2, 3), keepdim=True)
-    return (g - g_mean - normed * g_normed_mean).mul_(rstd)
+def _as_batch_norm_input(x: Tensor) -> Tensor:
+    """(B, C, H, W) -> (1, B * C, H, W): instance norm is batch norm over this view."""
+    return x.reshape(1, x.shape[0] * x.shape[1], *x.shape[2:])
+
+
+def _instance_norm_with_stats(h: Tensor, eps: float) -> tuple[Tensor, Tensor, Tensor]:
+    """``F.instance_norm(h)`` (the same kernel, so the same values) with the mean and 1/std that
+    its backward formula needs, from one pass over `h`."""
+    normed, mean, invstd = torch.ops.aten.native_batch_norm(
+        _as_batch_norm_input(h), None, None, None, None, True, 0.0, eps)
+    return normed.view_as(h), mean, invstd
+
+
+def _norm_relu_backward(grad: Tensor, h: Tensor, normed: Tensor, mean: Tensor, invstd: Tensor,
+                        eps: float) -> Tensor:
+    """Gradient to `h` of ``relu(instance_norm(h))`` given the gradient to its output, with the
+    statistics from :func:`_instance_norm_with_stats`: ReLU's and batch norm's own backward
+    kernels, one pass each."""
+    g = torch.ops.aten.threshold_backward(grad, normed, 0)
+    grad_h, _, _ = torch.ops.aten.native_batch_norm_backward(
+        _as_batch_norm_input(g), _as_batch_norm_input(h), None, None, None, mean, invstd, True, eps,
+        [True, False, False])
+    return grad_h.view_as(h)
 
 
 def _pad_to_multiple(x: Tensor, multiple: int) -> Tensor:
