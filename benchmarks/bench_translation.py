@@ -29,8 +29,8 @@ from typing import Optional
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from common import (cell, fmt, machine_info, machine_line, markdown_table, memory_cell, ratio, run_rounds,
-                    time_repeats, write_json)  # noqa: E402
+from common import (cell, fmt, machine_info, machine_line, markdown_table, memory_cell, paired_cell,  # noqa: E402
+                    paired_ratio, ratio, run_paired, run_rounds, time_repeats, write_json)
 
 import torch  # noqa: E402
 
@@ -52,17 +52,18 @@ def _images(size: int, batch: int) -> dict:
 
 
 def train_lowcon(method: str, size: int = 256, batch: int = 1, repeats: int = 5, warmup: int = 2,
-                 activation_checkpointing: bool = False, heap_mmap_threshold_mb: float = 0) -> dict:
+                 activation_checkpointing: bool = False, heap_mmap_threshold_mb: float = 0,
+                 retain_freed_memory: bool = True) -> dict:
     from lowcon.config import load_config, preset_path
-    from lowcon.training.memory import map_large_allocations
+    from lowcon.training.memory import configure_allocator
     from lowcon.translation import TranslationConfig, build_method
 
     torch.manual_seed(0)
     cfg = load_config(TranslationConfig, preset_path(method), {"crop_size": size, "batch_size": batch,
                                                               "activation_checkpointing": activation_checkpointing,
-                                                              "heap_mmap_threshold_mb": heap_mmap_threshold_mb})
-    if cfg.heap_mmap_threshold_mb:  # as lowcon.translation.train_translation does
-        map_large_allocations(cfg.heap_mmap_threshold_mb)
+                                                              "heap_mmap_threshold_mb": heap_mmap_threshold_mb,
+                                                              "retain_freed_memory": retain_freed_memory})
+    configure_allocator(cfg.heap_mmap_threshold_mb, cfg.retain_freed_memory)  # as train_translation does
     model = build_method(cfg, steps_per_epoch=1000, device="cpu")
     data = _images(size, batch)
     return time_repeats(lambda: model.train_step(data), repeats, warmup)
@@ -121,10 +122,16 @@ def main(argv: Optional[list[str]] = None) -> dict:
     p.add_argument("--methods", default=",".join(METHODS), help="comma-separated subset of cut,fastcut,cyclegan")
     p.add_argument("--rounds", type=int, default=1,
                    help="interleaved passes over the cases; each keeps its fastest pass (shared machines)")
+    p.add_argument("--paired", action="store_true",
+                   help="per method, keep lowcon and official alive side by side and step them in turn "
+                        "(--repeats rounds after --warmup); the report gives round-by-round time ratios")
     p.add_argument("--activation-checkpointing", action="store_true",
                    help="lowcon cases with activation_checkpointing: true (the generator's residual blocks)")
     p.add_argument("--heap-mmap-threshold-mb", type=float, default=0,
-                   help="lowcon cases with heap_mmap_threshold_mb set (large tensors mapped and unmapped at once)")
+                   help="lowcon cases with heap_mmap_threshold_mb set (large tensors mapped and unmapped at once; "
+                        "turns retain_freed_memory off)")
+    p.add_argument("--no-retain-freed-memory", action="store_true",
+                   help="lowcon cases with retain_freed_memory: false (glibc gives freed memory back, as by default)")
     p.add_argument("--out", default=str(HERE / "results" / "translation.json"))
     args = p.parse_args(argv)
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
@@ -140,11 +147,21 @@ def main(argv: Optional[list[str]] = None) -> dict:
     for m in methods:
         specs.append((f"lowcon/{m}", "train_lowcon",
                       dict(method=m, activation_checkpointing=args.activation_checkpointing,
-                           heap_mmap_threshold_mb=args.heap_mmap_threshold_mb, **common), 1800, False))
+                           heap_mmap_threshold_mb=args.heap_mmap_threshold_mb,
+                           retain_freed_memory=not (args.no_retain_freed_memory or args.heap_mmap_threshold_mb),
+                           **common), 1800, False))
         if args.official:
             specs.append((f"official/{m}", "train_official", dict(official=args.official, method=m, **common),
                           1800, False))
-    measured = run_rounds(SCRIPT, specs, rounds=args.rounds, log=log)
+    if args.paired:
+        if args.rounds != 1:
+            p.error("--paired and --rounds: pick one")
+        measured = {}
+        for m in methods:  # one pair at a time: two processes alive, stepped in turn
+            group = [(key, case, kw) for key, case, kw, _, _ in specs if key.endswith(f"/{m}")]
+            measured.update(run_paired(SCRIPT, group, repeats=args.repeats, warmup=args.warmup, log=log))
+    else:
+        measured = run_rounds(SCRIPT, specs, rounds=args.rounds, log=log)
     results: dict = {"machine": machine_info(), "args": vars(args), "lowcon": {}, "official": {}}
     for key, res in measured.items():
         side, m = key.split("/")
@@ -162,14 +179,20 @@ def report(results: dict) -> str:
         settings.append("activation_checkpointing: true")
     if a.get("heap_mmap_threshold_mb"):
         settings.append(f"heap_mmap_threshold_mb: {a['heap_mmap_threshold_mb']:g}")
+    if a.get("no_retain_freed_memory") or a.get("heap_mmap_threshold_mb"):
+        settings.append("retain_freed_memory: false")
     setting = f"; lowcon with {', '.join(settings)}" if settings else ""
+    how = (f"lowcon and official alive side by side and stepped in turn, {a['repeats']} rounds after "
+           f"{a['warmup']} warm-up; paired ratio = median (range) over rounds of the two steps' ratio"
+           if a.get("paired") else f"best of {a.get('rounds', 1)} interleaved round(s)")
     lines = [f"Machine: {machine_line(results['machine'])}", "",
              f"One training step, {a['size']}x{a['size']}, batch {a['batch']}: wall-clock median of {a['repeats']} "
-             f"steps after {a['warmup']} warm-up, best of {a.get('rounds', 1)} interleaved round(s); peak = process "
-             f"max RSS, in brackets above the RSS after imports{setting}", ""]
+             f"steps after {a['warmup']} warm-up, {how}; peak = process max RSS, in brackets above the RSS after "
+             f"imports{setting}", ""]
     header = ["method", "lowcon s/iter", "lowcon peak GB"]
     if has_off:
-        header += ["official s/iter", "official peak GB", "time ratio (CPU time)", "memory ratio"]
+        header += ["official s/iter", "official peak GB", "time ratio (CPU time)", "paired time ratio",
+                   "memory ratio"]
     header += ["seed GPU s/iter", "seed GPU GB"]
     rows = []
     for m, mine in mine_all.items():
@@ -178,7 +201,7 @@ def report(results: dict) -> str:
             theirs = theirs_all.get(m)
             row += [cell(theirs, "seconds_median"), memory_cell(theirs),
                     f"{fmt(ratio(mine, theirs, 'seconds_median'), 2)} ({fmt(ratio(mine, theirs, 'cpu_seconds_median'), 2)})",
-                    fmt(ratio(mine, theirs, "peak_rss_gb"), 2)]
+                    paired_cell(mine, theirs), fmt(ratio(mine, theirs, "peak_rss_gb"), 2)]
         row += [fmt(SEED_GPU[m][0], 2), fmt(SEED_GPU[m][1], 2)]
         rows.append(row)
     lines.append(markdown_table(header, rows))
@@ -188,6 +211,9 @@ def report(results: dict) -> str:
             theirs = theirs_all.get(m)
             for key, what in (("seconds_median", "time"), ("peak_rss_gb", "peak memory")):
                 value = ratio(mine, theirs, key)
+                paired = paired_ratio(mine, theirs)
+                if key == "seconds_median" and paired:
+                    value, what = paired[0], "time (median paired ratio)"
                 verdict = "-" if value is None else ("met" if value <= 0.8 else "MISSED")
                 lines.append(f"- {m} {what}: {fmt(value, 2)} -> {verdict}")
     lines += ["", "Ordering (seed, GPU: FastCUT < CUT < CycleGAN in time and memory):"]

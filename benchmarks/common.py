@@ -26,11 +26,15 @@ from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
 __all__ = [
-    "RESULT_MARKER", "peak_rss_gb", "time_repeats", "run_case", "machine_info",
-    "markdown_table", "write_json", "fmt",
+    "RESULT_MARKER", "peak_rss_gb", "time_repeats", "run_case", "run_rounds", "run_paired", "paired_ratio",
+    "machine_info", "markdown_table", "write_json", "fmt",
 ]
 
 RESULT_MARKER = "@@BENCH-RESULT@@ "
+STEP_MARKER = "@@BENCH-STEP@@ "
+READY_MARKER = "@@BENCH-READY@@"
+# Set in a case process started by run_paired: time_repeats then runs one step per request.
+STEP_SERVER_ENV = "LOWCON_BENCH_STEP_SERVER"
 THREADS = 2
 
 
@@ -51,6 +55,8 @@ def time_repeats(fn: Callable[[], Any], repeats: int, warmup: int) -> dict:
     """
     if repeats < 1 or warmup < 0:
         raise ValueError(f"repeats, warmup: need >= 1 and >= 0, got {repeats}, {warmup}")
+    if os.environ.get(STEP_SERVER_ENV):
+        return _serve_steps(fn)
     for _ in range(warmup):
         fn()
     seconds, cpu = [], []
@@ -61,6 +67,31 @@ def time_repeats(fn: Callable[[], Any], repeats: int, warmup: int) -> dict:
         cpu.append(time.process_time() - start_cpu)
     return {"seconds_median": statistics.median(seconds), "seconds_all": seconds,
             "cpu_seconds_median": statistics.median(cpu), "cpu_seconds_all": cpu}
+
+
+def _serve_steps(fn: Callable[[], Any]) -> dict:
+    """The case process's side of :func:`run_paired`: run `fn` once per line ``warm`` or ``step``
+    read from stdin, answer each with its wall-clock and CPU seconds, and return the timed
+    (``step``) runs as :func:`time_repeats` does once ``done`` arrives."""
+    print(READY_MARKER, flush=True)
+    seconds, cpu = [], []
+    for line in sys.stdin:
+        command = line.strip()
+        if command == "done":
+            break
+        if command not in ("warm", "step"):
+            raise ValueError(f"step server: unknown command {command!r}")
+        start, start_cpu = time.perf_counter(), time.process_time()
+        fn()
+        took, took_cpu = time.perf_counter() - start, time.process_time() - start_cpu
+        if command == "step":
+            seconds.append(took)
+            cpu.append(took_cpu)
+        print(STEP_MARKER + json.dumps({"seconds": took, "cpu_seconds": took_cpu}), flush=True)
+    if not seconds:
+        raise RuntimeError("step server: no timed step was asked for")
+    return {"seconds_median": statistics.median(seconds), "seconds_all": seconds,
+            "cpu_seconds_median": statistics.median(cpu), "cpu_seconds_all": cpu, "paired": True}
 
 
 def _load_script(path: str):
@@ -145,6 +176,111 @@ def run_rounds(script: str, specs: Sequence[tuple], rounds: int = 1, log: Option
                 out[key] = res
             out[key]["rounds_seconds_median"] = medians
     return out
+
+
+class _CaseProcess:
+    """One case of :func:`run_paired`, alive in its own process and stepped on request."""
+
+    def __init__(self, script: str, case: str, kwargs: dict, workdir: Path) -> None:
+        cmd = [sys.executable, str(Path(__file__).resolve()), f"{Path(script).resolve()}:{case}", json.dumps(kwargs)]
+        env = dict(os.environ, OMP_NUM_THREADS=str(THREADS), MKL_NUM_THREADS=str(THREADS), **{STEP_SERVER_ENV: "1"})
+        self.stderr_path = workdir / f"{len(list(workdir.iterdir()))}.stderr"
+        self._stderr = open(self.stderr_path, "w")
+        self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self._stderr,
+                                     text=True, bufsize=1, env=env)
+        self.error: Optional[str] = None
+
+    def _read_until(self, marker: str) -> Optional[str]:
+        """The rest of the first stdout line starting with `marker`; None (and .error) at EOF."""
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            if line.startswith(marker):
+                return line[len(marker):].strip()
+        self.proc.wait()
+        self._stderr.flush()
+        lines = [ln for ln in self.stderr_path.read_text().splitlines() if ln.strip()]
+        self.error = lines[-1] if lines else f"exit status {self.proc.returncode}"
+        return None
+
+    def ready(self) -> bool:
+        return self._read_until(READY_MARKER) is not None
+
+    def run(self, command: str) -> Optional[dict]:
+        if self.error:
+            return None
+        assert self.proc.stdin is not None
+        try:
+            self.proc.stdin.write(command + "\n")
+            self.proc.stdin.flush()
+        except BrokenPipeError:
+            pass
+        answer = self._read_until(STEP_MARKER if command != "done" else RESULT_MARKER)
+        return None if answer is None else json.loads(answer)
+
+    def finish(self) -> dict:
+        result = self.run("done")
+        self.proc.wait()
+        self._stderr.close()
+        return result if result is not None else {"error": self.error}
+
+
+def run_paired(script: str, specs: Sequence[tuple], repeats: int, warmup: int,
+               log: Optional[Callable[[str], None]] = None) -> dict:
+    """Run cases step by step in turn, each in its own live process, so that all see the same load.
+
+    On a shared machine the load changes over minutes; a case run after another can see a
+    different machine. Here every case is built once in its own process and then stepped in
+    turn: one step of each, in alternating order (A B ... then ... B A), `warmup` untimed rounds
+    and then `repeats` timed ones. Step r of two cases ran seconds apart, so :func:`paired_ratio`
+    compares them round by round. Each process still reports its own peak memory.
+
+    Args:
+        specs: ``(key, case, kwargs)``; the case calls :func:`time_repeats` once, as always.
+
+    Returns:
+        key -> the case's result (``seconds_all`` in round order, ``paired: True``) or
+        ``{"error": ...}``.
+    """
+    import tempfile
+
+    if repeats < 1 or warmup < 0:
+        raise ValueError(f"repeats, warmup: need >= 1 and >= 0, got {repeats}, {warmup}")
+    load_before = os.getloadavg()[0]
+    with tempfile.TemporaryDirectory(prefix="bench_paired_") as tmp:
+        procs = {key: _CaseProcess(script, case, kwargs, Path(tmp)) for key, case, kwargs in specs}
+        live = [key for key, proc in procs.items() if proc.ready()]
+        for r in range(warmup + repeats):
+            order = live if r % 2 == 0 else live[::-1]
+            for key in order:
+                answer = procs[key].run("warm" if r < warmup else "step")
+                if log:
+                    state = "warm-up" if r < warmup else f"step {r - warmup + 1}/{repeats}"
+                    log(f"... {key} {state}: " + (f"{answer['seconds']:.2f} s" if answer else
+                                                 f"failed: {procs[key].error}"))
+            live = [key for key in live if not procs[key].error]
+        out = {}
+        for key, proc in procs.items():
+            out[key] = proc.finish() if not proc.error else {"error": proc.error}
+            out[key]["loadavg_1min"] = [round(load_before, 2), round(os.getloadavg()[0], 2)]
+    return out
+
+
+def paired_ratio(a: Optional[dict], b: Optional[dict]) -> Optional[tuple[float, float, float]]:
+    """(median, min, max) over rounds of a's step time / b's step time, for two cases of one
+    :func:`run_paired` call; None unless both were run that way with the same number of steps."""
+    if not a or not b or not a.get("paired") or not b.get("paired"):
+        return None
+    mine, theirs = a.get("seconds_all") or [], b.get("seconds_all") or []
+    if not mine or len(mine) != len(theirs):
+        return None
+    ratios = [x / y for x, y in zip(mine, theirs)]
+    return statistics.median(ratios), min(ratios), max(ratios)
+
+
+def paired_cell(a: Optional[dict], b: Optional[dict]) -> str:
+    """'median (min-max)' of :func:`paired_ratio`, '-' when not paired."""
+    r = paired_ratio(a, b)
+    return "-" if r is None else f"{r[0]:.2f} ({r[1]:.2f}-{r[2]:.2f})"
 
 
 def _cpu_model() -> str:

@@ -24,7 +24,7 @@ from .metrics.protocols import DEFAULT_PROTOCOL, get_protocol
 from .models.aecrnet import AECRNET_VARIANTS, AECRNet, build_aecrnet
 from .report import markdown_table, write_text_atomic
 from .training import Trainer, load_checkpoint, save_checkpoint
-from .training.memory import check_heap_mmap_threshold, map_large_allocations
+from .training.memory import check_allocator_settings, configure_allocator
 
 __all__ = [
     "DehazeConfig", "build_dehaze_method", "train_dehaze", "load_dehazer", "dehaze_tensor",
@@ -62,6 +62,9 @@ class DehazeConfig:
     # CPU memory: allocations of at least this many MB get their own mapping, freed at once
     # (glibc; 0 = glibc's default). Lowers the peak by the heap's holes, costs page faults.
     heap_mmap_threshold_mb: float = 0
+    # CPU time: keep freed memory in the process instead of faulting it in again next step
+    # (glibc). Off here: AECR-Net's step takes few faults, and its peak rose with it.
+    retain_freed_memory: bool = False
     # loss: L1 + beta * CR
     beta: float = 0.1
     cr_negatives: bool = True
@@ -102,7 +105,7 @@ class DehazeConfig:
                 raise ValueError(f"{name}: must be >= 1, got {getattr(self, name)}")
         if self.crop % 4:
             raise ValueError(f"crop: must be a multiple of 4 (the network downsamples 4x), got {self.crop}")
-        check_heap_mmap_threshold(self.heap_mmap_threshold_mb)
+        check_allocator_settings(self.heap_mmap_threshold_mb, self.retain_freed_memory)
         needed = max(self.num_positives, self.num_negatives)
         if needed > self.batch_size:
             raise ValueError(f"num_negatives/num_positives: {needed} samples per anchor need batch_size >= {needed}")
@@ -165,8 +168,7 @@ def train_dehaze(cfg: DehazeConfig, resume: bool = False, progress: bool = True)
     run_dir = Path(cfg.run_dir)
     if resume and not (run_dir / "last.pt").is_file():
         raise FileNotFoundError(f"{run_dir / 'last.pt'}: nothing to resume (train without --resume first)")
-    if cfg.heap_mmap_threshold_mb:
-        map_large_allocations(cfg.heap_mmap_threshold_mb)
+    configure_allocator(cfg.heap_mmap_threshold_mb, cfg.retain_freed_memory)
     train_set, val_set = _datasets(cfg)
     method = build_dehaze_method(cfg)
     protocol = get_protocol(cfg.protocol)

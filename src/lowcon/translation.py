@@ -49,7 +49,7 @@ from lowcon.models.stylegan2 import (
 )
 from lowcon.training.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from lowcon.training.loop import Trainer
-from lowcon.training.memory import check_heap_mmap_threshold, map_large_allocations
+from lowcon.training.memory import check_allocator_settings, configure_allocator
 
 __all__ = [
     "TranslationConfig",
@@ -158,6 +158,9 @@ class TranslationConfig:
     # CPU memory: allocations of at least this many MB get their own mapping, freed at once
     # (glibc; 0 = glibc's default). Lowers the peak by the heap's holes, costs page faults.
     heap_mmap_threshold_mb: float = 0
+    # CPU time: keep freed memory in the process for the next step instead of faulting it in
+    # again (glibc; about 2 s less per CUT step at 256x256, same peak). Off to use the key above.
+    retain_freed_memory: bool = True
     # run
     seed: int = 0
     run_dir: str = "runs/translation"
@@ -219,7 +222,7 @@ class TranslationConfig:
             raise ValueError(f"device: expected auto, cpu, cuda or cuda:N, got {self.device!r}")
         if not self.run_dir:
             raise ValueError("run_dir: must not be empty")
-        check_heap_mmap_threshold(self.heap_mmap_threshold_mb)
+        check_allocator_settings(self.heap_mmap_threshold_mb, self.retain_freed_memory)
         self._validate_stylegan2()
         if self.is_cut:
             self._validate_cut()
@@ -423,8 +426,7 @@ def train_translation(cfg: TranslationConfig, resume: bool = False, progress: bo
         _check_resumable(cfg, run_dir)
     elif (run_dir / "last.pt").exists():
         raise FileExistsError(f"{run_dir}: holds a run already (last.pt); resume it or choose another run_dir")
-    if cfg.heap_mmap_threshold_mb:
-        map_large_allocations(cfg.heap_mmap_threshold_mb)
+    configure_allocator(cfg.heap_mmap_threshold_mb, cfg.retain_freed_memory)
     torch.manual_seed(cfg.seed)
     device = auto_device(cfg.device)
     dataset = build_dataset(cfg)

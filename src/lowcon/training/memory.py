@@ -1,4 +1,4 @@
-"""Peak memory of CPU training: where freed activations go.
+"""Peak memory and page faults of CPU training: where freed activations go.
 
 PyTorch's CPU tensors come from ``malloc``. glibc serves requests below a threshold from its
 heap, and that threshold rises on its own (up to 32 MB) each time a large block is freed. A
@@ -9,8 +9,16 @@ the AECR-Net benchmark step with activation checkpointing, 1.48 GB against 1.19 
 
 :func:`map_large_allocations` fixes the threshold: every block of at least ``threshold_mb`` gets
 its own mapping, returned to the system the moment its tensor is freed. The cost is the page
-faults of mapping those blocks afresh each time (measured in ``benchmarks/``). glibc only: on
-other C libraries the call does nothing and says so.
+faults of mapping those blocks afresh each time (measured in ``benchmarks/``).
+
+:func:`retain_freed_memory` does the opposite, for speed: glibc by default gives memory back to
+the system (blocks above the threshold are unmapped when freed, and the top of the heap is
+trimmed), and the next step faults every page of it in again, zero-filled by the kernel. A CUT
+step at 256x256 took about a million such faults, 2-3 s of CPU time. Kept in the process, the
+memory is reused with no fault; the peak is the same high-water mark the next step would reach
+anyway. The process keeps it until it exits.
+
+glibc only: on other C libraries both calls do nothing and say so.
 """
 from __future__ import annotations
 
@@ -18,9 +26,14 @@ import ctypes
 import ctypes.util
 import platform
 
-__all__ = ["map_large_allocations", "check_heap_mmap_threshold"]
+__all__ = ["map_large_allocations", "retain_freed_memory", "configure_allocator", "check_heap_mmap_threshold",
+           "check_allocator_settings"]
 
-_M_MMAP_THRESHOLD = -3  # mallopt parameter (malloc.h)
+# mallopt parameters (malloc.h)
+_M_TRIM_THRESHOLD = -1
+_M_MMAP_THRESHOLD = -3
+_M_MMAP_MAX = -4
+_INT_MAX = 2**31 - 1
 _MAX_THRESHOLD_MB = 32  # glibc's HEAP_MAX / DEFAULT_MMAP_THRESHOLD_MAX on 64-bit
 
 
@@ -35,6 +48,40 @@ def check_heap_mmap_threshold(threshold_mb: float) -> None:
                          f"got {threshold_mb}")
 
 
+def check_allocator_settings(heap_mmap_threshold_mb: float, retain_freed_memory: bool) -> None:
+    """The two allocator keys of a training config: each valid, and not both on (they pull
+    opposite ways: one hands large blocks back at once, the other never does).
+
+    Raises:
+        ValueError: one line naming the key(s).
+    """
+    check_heap_mmap_threshold(heap_mmap_threshold_mb)
+    if heap_mmap_threshold_mb and retain_freed_memory:
+        raise ValueError("heap_mmap_threshold_mb, retain_freed_memory: opposite allocator settings; set "
+                         "retain_freed_memory: false to map large tensors")
+
+
+def _libc():
+    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+        return None
+    return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+
+
+def retain_freed_memory() -> bool:
+    """Keep freed memory in the process instead of giving it back to the system (glibc).
+
+    Every block comes from the heap (no per-allocation mappings) and the heap is never trimmed,
+    so freed activations are reused by the next step without page faults. Process-wide, for the
+    rest of the process; the training entry points call it when the config asks
+    (``retain_freed_memory``, on by default for translation). Returns True when glibc accepted
+    it, False where it does not apply (not Linux/glibc).
+    """
+    libc = _libc()
+    if libc is None:
+        return False
+    return bool(libc.mallopt(_M_MMAP_MAX, 0)) and bool(libc.mallopt(_M_TRIM_THRESHOLD, _INT_MAX))
+
+
 def map_large_allocations(threshold_mb: float) -> bool:
     """Serve every allocation of at least `threshold_mb` MB from its own mapping (glibc).
 
@@ -47,7 +94,17 @@ def map_large_allocations(threshold_mb: float) -> bool:
     """
     if not 0 < threshold_mb <= _MAX_THRESHOLD_MB:
         raise ValueError(f"heap_mmap_threshold_mb: expected a value in (0, {_MAX_THRESHOLD_MB}], got {threshold_mb}")
-    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+    libc = _libc()
+    if libc is None:
         return False
-    libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
     return bool(libc.mallopt(_M_MMAP_THRESHOLD, int(threshold_mb * 2**20)))
+
+
+def configure_allocator(heap_mmap_threshold_mb: float, retain: bool) -> None:
+    """Apply a training config's two allocator keys (``heap_mmap_threshold_mb``,
+    ``retain_freed_memory``), as the training entry points and the benchmarks do."""
+    check_allocator_settings(heap_mmap_threshold_mb, retain)
+    if heap_mmap_threshold_mb:
+        map_large_allocations(heap_mmap_threshold_mb)
+    if retain:
+        retain_freed_memory()

@@ -1,0 +1,73 @@
+"""benchmarks/common.py: cases stepped in turn in live processes (run_paired) and their ratios."""
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+
+BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+@pytest.fixture(scope="module")
+def common():
+    spec = importlib.util.spec_from_file_location("bench_common_under_test", BENCH / "common.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+CASES = f'''
+import sys
+sys.path.insert(0, {str(BENCH)!r})
+from common import time_repeats
+
+
+def tick(name, log):
+    def step():
+        with open(log, "a") as f:
+            f.write(name)
+    return time_repeats(step, repeats=99, warmup=99)  # paired mode ignores both counts
+
+
+def broken(log):
+    raise RuntimeError("case could not be built")
+'''
+
+
+def test_run_paired_steps_cases_in_turn_alternating_order(common, tmp_path):
+    script = tmp_path / "cases.py"
+    script.write_text(CASES)
+    log = tmp_path / "order.txt"
+    specs = [("a", "tick", {"name": "A", "log": str(log)}), ("b", "tick", {"name": "B", "log": str(log)}),
+             ("bad", "broken", {"log": str(log)})]
+    out = common.run_paired(str(script), specs, repeats=3, warmup=1)
+    # One warm-up round, then three timed ones; the order flips every round.
+    assert log.read_text() == "AB" + "BA" + "AB" + "BA"
+    for key in ("a", "b"):
+        assert out[key]["paired"] is True
+        assert len(out[key]["seconds_all"]) == 3 and len(out[key]["cpu_seconds_all"]) == 3
+        assert out[key]["peak_rss_gb"] > 0
+    assert "case could not be built" in out["bad"]["error"]
+    assert common.paired_ratio(out["a"], out["b"]) is not None
+
+
+def test_paired_ratio_is_round_by_round(common):
+    a = {"paired": True, "seconds_all": [1.0, 2.0, 3.0]}
+    b = {"paired": True, "seconds_all": [2.0, 2.0, 2.0]}
+    assert common.paired_ratio(a, b) == (1.0, 0.5, 1.5)
+    assert common.paired_cell(a, b) == "1.00 (0.50-1.50)"
+    # Not paired, or different numbers of steps: no ratio.
+    assert common.paired_ratio({"seconds_all": [1.0, 2.0, 3.0]}, b) is None
+    assert common.paired_ratio(a, {"paired": True, "seconds_all": [1.0]}) is None
+    assert common.paired_cell(None, b) == "-"
+
+
+def test_time_repeats_outside_paired_mode_runs_its_own_counts(common, monkeypatch):
+    monkeypatch.delenv(common.STEP_SERVER_ENV, raising=False)
+    calls = []
+    out = common.time_repeats(lambda: calls.append(1), repeats=3, warmup=2)
+    assert len(calls) == 5 and len(out["seconds_all"]) == 3 and "paired" not in out
+    with pytest.raises(ValueError, match="repeats"):
+        common.time_repeats(lambda: None, repeats=0, warmup=0)
+
