@@ -197,7 +197,7 @@ class _CaseProcess:
             if line.startswith(marker):
                 return line[len(marker):].strip()
         self.proc.wait()
-        self._stderr.flush()
+        self._stderr.close()
         lines = [ln for ln in self.stderr_path.read_text().splitlines() if ln.strip()]
         self.error = lines[-1] if lines else f"exit status {self.proc.returncode}"
         return None
@@ -220,7 +220,8 @@ class _CaseProcess:
     def finish(self) -> dict:
         result = self.run("done")
         self.proc.wait()
-        self._stderr.close()
+        if not self._stderr.closed:
+            self._stderr.close()
         return result if result is not None else {"error": self.error}
 
 
