@@ -31,6 +31,7 @@ from torch.autograd.function import once_differentiable
 from torch.utils.checkpoint import checkpoint
 
 from lowcon.models.blur import Downsample, Upsample
+from lowcon.models.feature_generator import FeatureGenerator
 
 NORMS = ("instance", "batch", "none")
 PADDINGS = ("reflect", "replicate", "zero")
@@ -157,15 +158,7 @@ def _norm_relu_backward(grad: Tensor, h: Tensor, normed: Tensor, mean: Tensor, i
     return grad_h.view_as(h)
 
 
-def _pad_to_multiple(x: Tensor, multiple: int) -> Tensor:
-    """Reflect-pad the bottom and right so that H and W are multiples of ``multiple``."""
-    pad_h, pad_w = -x.shape[-2] % multiple, -x.shape[-1] % multiple
-    if pad_h == 0 and pad_w == 0:
-        return x
-    return F.pad(x, (0, pad_w, 0, pad_h), mode="reflect")
-
-
-class ResnetGenerator(nn.Module):
+class ResnetGenerator(FeatureGenerator):
     """CUT / CycleGAN ResNet generator: 7x7 conv, 2 down steps, residual blocks, 2 up steps, Tanh.
 
     Any input size works: H and W are reflect-padded at the bottom/right up to the next multiple
@@ -260,44 +253,11 @@ class ResnetGenerator(nn.Module):
         self.model = nn.Sequential(*model)
         self.nce_layers = self._check_layers(nce_layers)
 
-    def forward(self, x: Tensor) -> Tensor:
-        """Translate ``x``; the output has the input's height and width."""
-        self._check_input(x)
-        height, width = x.shape[-2:]
-        y, _ = self._run(_pad_to_multiple(x, _SIZE_MULTIPLE), (), last=len(self.model) - 1)
-        return y[..., :height, :width]
+    def _feature_layers(self) -> nn.Sequential:
+        return self.model
 
-    def forward_features(self, x: Tensor, layers: Sequence[int] | None = None) -> list[Tensor]:
-        """Outputs of ``self.model[k]`` for each ``k`` in ``layers`` (default ``self.nce_layers``).
-
-        Runs the network only up to the deepest requested layer. The input is padded to a
-        multiple of 4 as in ``forward`` and the features are those of the padded image (not
-        cropped), so images of one size always give features of one size and locations match
-        between a source and its translation.
-        """
-        self._check_input(x)
-        layers = self.nce_layers if layers is None else self._check_layers(layers)
-        _, features = self._run(_pad_to_multiple(x, _SIZE_MULTIPLE), layers, last=max(layers))
-        return features
-
-    def forward_with_features(self, x: Tensor, layers: Sequence[int] | None = None
-                              ) -> tuple[Tensor, list[Tensor]]:
-        """``(forward(x), forward_features(x, layers))`` from a single pass."""
-        self._check_input(x)
-        layers = self.nce_layers if layers is None else self._check_layers(layers)
-        height, width = x.shape[-2:]
-        y, features = self._run(_pad_to_multiple(x, _SIZE_MULTIPLE), layers, last=len(self.model) - 1)
-        return y[..., :height, :width], features
-
-    def feature_channels(self, layers: Sequence[int] | None = None) -> list[int]:
-        """Channels of the features ``forward_features`` returns, known without a forward pass
-        (so a projection head can be built eagerly)."""
-        layers = self.nce_layers if layers is None else self._check_layers(layers)
-        channels, after = self.in_channels, []
-        for layer in self.model:
-            channels = getattr(layer, "out_channels", channels)  # only convs change the width
-            after.append(channels)
-        return [after[k] for k in layers]
+    def _size_multiple(self) -> int:
+        return _SIZE_MULTIPLE
 
     def _run(self, x: Tensor, layers: tuple[int, ...], last: int) -> tuple[Tensor, list[Tensor]]:
         wanted, found = set(layers), {}
@@ -328,13 +288,6 @@ class ResnetGenerator(nn.Module):
         return (isinstance(norm, nn.InstanceNorm2d) and not norm.affine and not norm.track_running_stats
                 and isinstance(act, nn.ReLU) and isinstance(down, Downsample) and down.padding == "reflect"
                 and down.pad_sizes == (1, 1, 1, 1))
-
-    def _check_layers(self, layers: Sequence[int]) -> tuple[int, ...]:
-        layers = tuple(layers)
-        n = len(self.model)
-        if not layers or not all(isinstance(k, int) and 0 <= k < n for k in layers):
-            raise ValueError(f"layers must be a non-empty list of indices in [0, {n - 1}], got {layers}")
-        return layers
 
     def _check_input(self, x: Tensor) -> None:
         if x.ndim != 4 or x.shape[1] != self.in_channels:

@@ -44,7 +44,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from lowcon.models.resnet_generator import _pad_to_multiple
+from lowcon.models.feature_generator import FeatureGenerator
 
 BLUR_TAPS = (1, 3, 3, 1)
 _SLOPE = 0.2
@@ -284,7 +284,7 @@ def _check_resolution(name: str, value: int, low: int) -> None:
         raise ValueError(f"{name} must be a power of 2 in [{low}, 1024], got {value!r}")
 
 
-class StyleGAN2Generator(nn.Module):
+class StyleGAN2Generator(FeatureGenerator):
     """SinCUT's generator: a StyleGAN2-style encoder (PatchNCE taps) and decoder.
 
     Any input size works: H and W are reflect-padded at the bottom/right up to a multiple of
@@ -352,43 +352,15 @@ class StyleGAN2Generator(nn.Module):
         self.decoder = nn.ModuleDict({"convs": nn.Sequential(*decoder)})
         self.nce_layers = self._check_layers(nce_layers)
 
-    def forward(self, x: Tensor) -> Tensor:
-        """Translate ``x``; the output has the input's height and width."""
-        self._check_input(x)
-        height, width = x.shape[-2:]
-        feat, _ = self._encode(self._pad(x), (), last=len(self.encoder.convs) - 1)
-        return self._decode(feat)[..., :height, :width]
+    _layer_noun = "encoder indices"
 
-    def forward_features(self, x: Tensor, layers: Sequence[int] | None = None) -> list[Tensor]:
-        """Outputs of ``encoder.convs[k]`` for each ``k`` in ``layers`` (default ``self.nce_layers``),
-        of the padded image as in ``forward``; runs the encoder only up to the deepest layer."""
-        self._check_input(x)
-        layers = self.nce_layers if layers is None else self._check_layers(layers)
-        _, features = self._encode(self._pad(x), layers, last=max(layers))
-        return features
+    def _feature_layers(self) -> nn.Sequential:
+        return self.encoder.convs
 
-    def forward_with_features(self, x: Tensor, layers: Sequence[int] | None = None
-                              ) -> tuple[Tensor, list[Tensor]]:
-        """``(forward(x), forward_features(x, layers))`` from a single pass."""
-        self._check_input(x)
-        layers = self.nce_layers if layers is None else self._check_layers(layers)
-        height, width = x.shape[-2:]
-        feat, features = self._encode(self._pad(x), layers, last=len(self.encoder.convs) - 1)
-        return self._decode(feat)[..., :height, :width], features
+    def _size_multiple(self) -> int:
+        return 2 ** self.num_downsampling
 
-    def feature_channels(self, layers: Sequence[int] | None = None) -> list[int]:
-        """Channels of the features ``forward_features`` returns, known without a forward pass."""
-        layers = self.nce_layers if layers is None else self._check_layers(layers)
-        channels, after = self.in_channels, []
-        for layer in self.encoder.convs:
-            channels = getattr(layer, "out_channels", channels)  # the Identity keeps the input's
-            after.append(channels)
-        return [after[k] for k in layers]
-
-    def _pad(self, x: Tensor) -> Tensor:
-        return _pad_to_multiple(x, 2 ** self.num_downsampling)
-
-    def _encode(self, x: Tensor, layers: tuple[int, ...], last: int) -> tuple[Tensor, list[Tensor]]:
+    def _run(self, x: Tensor, layers: tuple[int, ...], last: int) -> tuple[Tensor, list[Tensor]]:
         wanted, found = set(layers), {}
         for index in range(last + 1):
             x = self._block(self.encoder.convs[index], x)
@@ -396,7 +368,7 @@ class StyleGAN2Generator(nn.Module):
                 found[index] = x
         return x, [found[k] for k in layers]
 
-    def _decode(self, x: Tensor) -> Tensor:
+    def _finish(self, x: Tensor) -> Tensor:  # the decoder
         for layer in self.decoder.convs:
             x = self._block(layer, x)
         return x
@@ -405,13 +377,6 @@ class StyleGAN2Generator(nn.Module):
         if self.checkpoint_blocks and torch.is_grad_enabled() and isinstance(layer, ResBlock):
             return checkpoint(layer, x, use_reentrant=False)
         return layer(x)
-
-    def _check_layers(self, layers: Sequence[int]) -> tuple[int, ...]:
-        layers = tuple(layers)
-        n = len(self.encoder.convs)
-        if not layers or not all(isinstance(k, int) and 0 <= k < n for k in layers):
-            raise ValueError(f"layers must be a non-empty list of encoder indices in [0, {n - 1}], got {layers}")
-        return layers
 
     def _check_input(self, x: Tensor) -> None:
         if x.ndim != 4 or x.shape[1] != self.in_channels:
