@@ -8,12 +8,11 @@ from lowcon.training.memory import configure_allocator, map_large_allocations
 
 glibc = pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="mallopt is glibc's")
 
-# Runs in its own process: the setting is process-wide. Prints the bytes that glibc holds in
-# separate mappings while one 16 MB tensor is alive, after an earlier 16 MB tensor was freed (which
-# by default raises glibc's threshold to 16 MB, so the second one comes from the heap).
-PROBE = """
+# The probes run in their own process: the settings are process-wide. Each starts with this,
+# which gives glibc's allocation statistics as ``libc.mallinfo2()``.
+MALLINFO = """
 import ctypes, sys, torch
-from lowcon.training.memory import map_large_allocations
+from lowcon.training.memory import map_large_allocations, retain_freed_memory
 
 class Mallinfo2(ctypes.Structure):
     _fields_ = [(name, ctypes.c_size_t) for name in
@@ -21,6 +20,12 @@ class Mallinfo2(ctypes.Structure):
 
 libc = ctypes.CDLL("libc.so.6")
 libc.mallinfo2.restype = Mallinfo2
+"""
+
+# Prints the bytes that glibc holds in separate mappings while one 16 MB tensor is alive, after an
+# earlier 16 MB tensor was freed (which by default raises glibc's threshold to 16 MB, so the second
+# one comes from the heap).
+PROBE = MALLINFO + """
 if sys.argv[1] == "on":
     assert map_large_allocations(8) is True
 first = torch.empty(4 * 2**20)  # 16 MB
@@ -30,10 +35,16 @@ print(libc.mallinfo2().hblkhd)
 """
 
 
-def _mapped_bytes(mode: str) -> int:
-    done = subprocess.run([sys.executable, "-c", PROBE, mode], capture_output=True, text=True, timeout=120)
+def _run_probe(probe: str, mode: str) -> list[int]:
+    """The integers on the last line the probe printed, run with argument `mode`."""
+    done = subprocess.run([sys.executable, "-c", probe, mode], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
-    return int(done.stdout.strip().splitlines()[-1])
+    return [int(v) for v in done.stdout.strip().splitlines()[-1].split()]
+
+
+def _mapped_bytes(mode: str) -> int:
+    (mapped,) = _run_probe(PROBE, mode)
+    return mapped
 
 
 @glibc
@@ -49,42 +60,29 @@ def test_threshold_outside_the_range_is_a_one_line_error(value):
         map_large_allocations(value)
 
 
-# Prints, after a 64 MB tensor was allocated and freed: the bytes glibc held in separate mappings
-# while it was alive, and how much the heap grew (measured after the tensor was freed).
-RETAIN_PROBE = """
-import ctypes, sys, torch
-from lowcon.training.memory import retain_freed_memory
-
-class Mallinfo2(ctypes.Structure):
-    _fields_ = [(name, ctypes.c_size_t) for name in
-                ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks", "keepcost")]
-
-libc = ctypes.CDLL("libc.so.6")
-libc.mallinfo2.restype = Mallinfo2
+# Prints glibc's figures while a 64 MB tensor is alive and after it was freed: the bytes in
+# separate mappings, the free bytes inside the heap, and the heap's size.
+RETAIN_PROBE = MALLINFO + """
 if sys.argv[1] == "on":
     assert retain_freed_memory() is True
-heap = libc.mallinfo2().arena
 big = torch.ones(16 * 2**20)  # 64 MB, above glibc's largest automatic threshold (32 MB)
-mapped = libc.mallinfo2().hblkhd
+alive = libc.mallinfo2()
 del big
-print(mapped, libc.mallinfo2().arena - heap)
+after = libc.mallinfo2()
+print(alive.hblkhd, after.hblkhd, alive.fordblks, after.fordblks, alive.arena, after.arena)
 """
-
-
-def _retain_probe(mode: str) -> tuple[int, int]:
-    done = subprocess.run([sys.executable, "-c", RETAIN_PROBE, mode], capture_output=True, text=True, timeout=120)
-    assert done.returncode == 0, done.stderr
-    mapped, heap = done.stdout.strip().splitlines()[-1].split()
-    return int(mapped), int(heap)
 
 
 @glibc
 def test_retained_memory_stays_in_the_heap_after_it_is_freed():
     mb64 = 64 * 2**20
-    mapped, grown = _retain_probe("off")
-    assert mapped >= mb64 and grown < mb64  # glibc's default: its own mapping, gone when freed
-    mapped, grown = _retain_probe("on")
-    assert mapped < mb64 and grown >= mb64  # from the heap, and the heap keeps it for reuse
+    mapped, mapped_after, _, _, _, _ = _run_probe(RETAIN_PROBE, "off")
+    # glibc's default: the block has its own mapping, and it is gone once the tensor is freed.
+    assert mapped >= mb64 and mapped - mapped_after >= mb64
+    mapped, _, free, free_after, heap, heap_after = _run_probe(RETAIN_PROBE, "on")
+    # Asked to retain: the block comes from the heap, and once freed it stays there, free for
+    # reuse, with the heap not trimmed.
+    assert mapped < mb64 and free_after - free >= mb64 and heap_after >= heap
 
 
 def test_config_keys_are_validated():
