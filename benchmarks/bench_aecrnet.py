@@ -115,14 +115,18 @@ def _pair(size: int, batch: int) -> dict:
 def train_lowcon(size: int = 240, batch: int = 2, beta: float = 0.1, channels_last: bool = False,
                  bf16: bool = False, compile: bool = False, dcn_impl: str = "auto",
                  activation_checkpointing: bool = False, heap_mmap_threshold_mb: float = 0,
-                 retain_freed_memory: bool = False, repeats: int = 5, warmup: int = 2) -> dict:
+                 retain_freed_memory: bool = False, winograd: bool = True, malloc_tcache: bool = False,
+                 repeats: int = 5, warmup: int = 2) -> dict:
     from lowcon.contrast import ContrastiveRegularization, VGG19Features
     from lowcon.dehazing import CHECKPOINT_VGG_SLICES
     from lowcon.methods.aecr import AECRTraining
     from lowcon.models.aecrnet import AECRNet
+    from lowcon.models.winograd import use_winograd
 
-    from lowcon.training.memory import configure_allocator
+    from lowcon.training.memory import configure_allocator, restart_without_malloc_tcache
 
+    if not malloc_tcache:  # as `lowcon train` does: this case process starts again with it off
+        restart_without_malloc_tcache([sys.executable, *sys.argv])
     configure_allocator(heap_mmap_threshold_mb, retain_freed_memory)  # as lowcon.dehazing.train_dehaze does
     torch.manual_seed(0)
     net = AECRNet(dcn_impl=dcn_impl, checkpoint_blocks=activation_checkpointing)
@@ -130,6 +134,10 @@ def train_lowcon(size: int = 240, batch: int = 2, beta: float = 0.1, channels_la
     if beta > 0:  # as lowcon.dehazing.build_dehaze_method builds it
         slices = CHECKPOINT_VGG_SLICES if activation_checkpointing else 0
         cr = ContrastiveRegularization(VGG19Features(weights="random", checkpoint_slices=slices))
+    if winograd:  # as lowcon.dehazing builds them with the config's default `winograd: true`
+        use_winograd(net)
+        if cr is not None:
+            use_winograd(cr.embedding)
     if compile:
         net = torch.compile(net)
         if cr is not None:
@@ -172,12 +180,16 @@ def train_official(official: str, size: int = 240, batch: int = 2, beta: float =
     return time_repeats(step, repeats, warmup)
 
 
-def infer_lowcon(width: int = 620, height: int = 460, repeats: int = 5, warmup: int = 1) -> dict:
+def infer_lowcon(width: int = 620, height: int = 460, winograd: bool = True, repeats: int = 5,
+                 warmup: int = 1) -> dict:
     from lowcon.dehazing import dehaze_tensor
     from lowcon.models.aecrnet import AECRNet
+    from lowcon.models.winograd import use_winograd
 
     torch.manual_seed(0)
     net = AECRNet().eval()
+    if winograd:
+        use_winograd(net)
     hazy = torch.rand(1, 3, height, width, generator=torch.Generator().manual_seed(0))
     result = time_repeats(lambda: dehaze_tensor(net, hazy, size_multiple=4, tile=0), repeats, warmup)
     result["images_per_s"] = 1.0 / result["seconds_median"]
@@ -301,6 +313,8 @@ def main(argv: Optional[list[str]] = None) -> dict:
         ("infer/speed/official", "infer_official", dict(official=off, width=iw, height=ih, repeats=args.repeats,
                                                         warmup=1), 1800, False),
         ("infer/memory/lowcon", "infer_lowcon", dict(width=mw, height=mh, repeats=1, warmup=0), 1800, True),
+        ("infer/speed/lowcon/winograd: false", "infer_lowcon", dict(width=iw, height=ih, winograd=False,
+                                                                    repeats=args.repeats, warmup=1), 1800, False),
         ("infer/memory/official", "infer_official", dict(official=off, width=mw, height=mh, repeats=1, warmup=0),
          1800, True),
     ]
@@ -313,6 +327,10 @@ def main(argv: Optional[list[str]] = None) -> dict:
                  dict(activation_checkpointing=True, heap_mmap_threshold_mb=8)),
                 (LOW_MEMORY, dict(activation_checkpointing=True, heap_mmap_threshold_mb=24)),
                 ("retain_freed_memory", dict(retain_freed_memory=True)),
+                ("direct convolutions (winograd: false)", dict(winograd=False)),
+                ("malloc_tcache: true (glibc's default)", dict(malloc_tcache=True)),
+                ("activation_checkpointing + heap_mmap_threshold_mb=24, winograd: false",
+                 dict(activation_checkpointing=True, heap_mmap_threshold_mb=24, winograd=False)),
                 ("DCN by torchvision (dcn_impl=torchvision)", dict(dcn_impl="torchvision")),
                 ("channels_last", dict(channels_last=True))]
         if not args.no_bf16:
@@ -431,6 +449,13 @@ def report(results: dict) -> str:
             row = [label, cell(mine, field, digits)]
             if len(header) > 2:
                 row += [cell(theirs, field, digits), fmt(ratio(mine, theirs, field), 2)]
+        rows.append(row)
+    direct = infer.get("speed/lowcon/winograd: false")
+    if direct:
+        row = [f"images/s at {a['infer_size']}, winograd: false", cell(direct, "images_per_s", 2)]
+        if len(header) > 2:
+            row += [cell(infer.get("speed/official"), "images_per_s", 2),
+                    fmt(ratio(direct, infer.get("speed/official"), "images_per_s"), 2)]
         rows.append(row)
     lines.append(markdown_table(header, rows))
     if has_off:

@@ -52,17 +52,21 @@ def _images(size: int, batch: int) -> dict:
 
 
 def train_lowcon(method: str, size: int = 256, batch: int = 1, repeats: int = 5, warmup: int = 2,
-                 activation_checkpointing: bool = False, heap_mmap_threshold_mb: float = 0,
-                 retain_freed_memory: bool = True) -> dict:
+                 activation_checkpointing: Optional[bool] = None, heap_mmap_threshold_mb: float = 0,
+                 retain_freed_memory: bool = True, winograd: bool = True, malloc_tcache: bool = False) -> dict:
     from lowcon.config import load_config, preset_path
-    from lowcon.training.memory import configure_allocator
+    from lowcon.training.memory import configure_allocator, restart_without_malloc_tcache
     from lowcon.translation import TranslationConfig, build_method
 
     torch.manual_seed(0)
-    cfg = load_config(TranslationConfig, preset_path(method), {"crop_size": size, "batch_size": batch,
-                                                              "activation_checkpointing": activation_checkpointing,
+    keep = {} if activation_checkpointing is None else {"activation_checkpointing": activation_checkpointing}
+    cfg = load_config(TranslationConfig, preset_path(method), {"crop_size": size, "batch_size": batch, **keep,
                                                               "heap_mmap_threshold_mb": heap_mmap_threshold_mb,
-                                                              "retain_freed_memory": retain_freed_memory})
+                                                              "retain_freed_memory": retain_freed_memory,
+                                                              "winograd": winograd,
+                                                              "malloc_tcache": malloc_tcache})
+    if not cfg.malloc_tcache:  # as `lowcon train` does: this case process starts again with it off
+        restart_without_malloc_tcache([sys.executable, *sys.argv])
     configure_allocator(cfg.heap_mmap_threshold_mb, cfg.retain_freed_memory)  # as train_translation does
     model = build_method(cfg, steps_per_epoch=1000, device="cpu")
     data = _images(size, batch)
@@ -132,6 +136,10 @@ def main(argv: Optional[list[str]] = None) -> dict:
                         "turns retain_freed_memory off)")
     p.add_argument("--no-retain-freed-memory", action="store_true",
                    help="lowcon cases with retain_freed_memory: false (glibc gives freed memory back, as by default)")
+    p.add_argument("--no-winograd", action="store_true",
+                   help="lowcon with winograd: false (direct 3x3 convolutions, as before that key)")
+    p.add_argument("--malloc-tcache", action="store_true",
+                   help="lowcon with malloc_tcache: true (glibc's default; lowcon train turns it off)")
     p.add_argument("--out", default=str(HERE / "results" / "translation.json"))
     args = p.parse_args(argv)
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
@@ -146,10 +154,10 @@ def main(argv: Optional[list[str]] = None) -> dict:
     specs = []  # lowcon and official side by side, so that both see the same machine load
     for m in methods:
         specs.append((f"lowcon/{m}", "train_lowcon",
-                      dict(method=m, activation_checkpointing=args.activation_checkpointing,
+                      dict(method=m, activation_checkpointing=True if args.activation_checkpointing else None,
                            heap_mmap_threshold_mb=args.heap_mmap_threshold_mb,
                            retain_freed_memory=not (args.no_retain_freed_memory or args.heap_mmap_threshold_mb),
-                           **common), 1800, False))
+                           winograd=not args.no_winograd, malloc_tcache=args.malloc_tcache, **common), 1800, False))
         if args.official:
             specs.append((f"official/{m}", "train_official", dict(official=args.official, method=m, **common),
                           1800, False))
@@ -181,6 +189,10 @@ def report(results: dict) -> str:
         settings.append(f"heap_mmap_threshold_mb: {a['heap_mmap_threshold_mb']:g}")
     if a.get("no_retain_freed_memory") or a.get("heap_mmap_threshold_mb"):
         settings.append("retain_freed_memory: false")
+    if a.get("no_winograd"):
+        settings.append("winograd: false")
+    if a.get("malloc_tcache"):
+        settings.append("malloc_tcache: true")
     setting = f"; lowcon with {', '.join(settings)}" if settings else ""
     how = (f"lowcon and official alive side by side and stepped in turn, {a['repeats']} rounds after "
            f"{a['warmup']} warm-up; paired ratio = median (range) over rounds of the two steps' ratio"

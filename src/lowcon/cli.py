@@ -38,6 +38,11 @@ def cmd_train(args) -> int:
         overrides["data"] = None  # two domain folders replace the preset's data root
     method = overrides.get("method") or read_yaml(path).get("method", "aecrnet")
     cfg = load_config(_config_class(method), path, overrides)
+    if not cfg.malloc_tcache and getattr(args, "restartable", False):
+        from .training.memory import restart_without_malloc_tcache
+
+        # glibc reads this only at start: run this same command again with it (nothing written yet)
+        restart_without_malloc_tcache([sys.executable, "-m", "lowcon", *args.argv])
     if method in DEHAZE_METHODS:
         from .dehazing import train_dehaze
 
@@ -237,6 +242,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
+    # Only a real command line may be started again (lowcon.training.memory); not a caller's process.
+    args.restartable, args.argv = argv is None, list(sys.argv[1:] if argv is None else argv)
     from .config import ConfigError
     from .contrast.embeddings import WeightsNotFoundError
     from .training import CheckpointError, TrainingDiverged

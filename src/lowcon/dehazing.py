@@ -22,6 +22,7 @@ from .inference import auto_device, run_padded, run_tiled
 from .methods.aecr import AECRTraining
 from .metrics.protocols import DEFAULT_PROTOCOL, get_protocol
 from .models.aecrnet import AECRNET_VARIANTS, AECRNet, build_aecrnet
+from .models.winograd import WINOGRAD_MIN_CHANNELS, use_winograd
 from .report import markdown_table, write_text_atomic
 from .training import Trainer, load_checkpoint, save_checkpoint
 from .training.memory import check_allocator_settings, configure_allocator
@@ -65,6 +66,12 @@ class DehazeConfig:
     # CPU time: keep freed memory in the process instead of faulting it in again next step
     # (glibc). Off here: AECR-Net's step takes few faults, and its peak rose with it.
     retain_freed_memory: bool = False
+    # CPU memory: glibc's per-thread cache of freed small blocks keeps the heap's holes from merging;
+    # false turns it off (lowcon train restarts itself with GLIBC_TUNABLES)
+    malloc_tcache: bool = False
+    # CPU time: 3x3 convolutions of >= 128 channels (the FA blocks, VGG-19 from conv2_2 on) by
+    # Winograd F(4x4, 3x3) (lowcon.models.winograd): the same function to ~1e-5 relative, faster
+    winograd: bool = True
     # loss: L1 + beta * CR
     beta: float = 0.1
     cr_negatives: bool = True
@@ -118,11 +125,14 @@ CHECKPOINT_VGG_SLICES = 3
 
 
 def build_network(cfg: DehazeConfig) -> AECRNet:
-    return build_aecrnet(
+    net = build_aecrnet(
         cfg.variant, share_blocks=cfg.share_blocks, output=cfg.output,
         use_fastdeconv=cfg.use_fastdeconv, ngf=cfg.ngf, dcn_impl=cfg.dcn_impl,
         checkpoint_blocks=cfg.activation_checkpointing,
     )
+    if cfg.winograd:
+        use_winograd(net, WINOGRAD_MIN_CHANNELS)
+    return net
 
 
 def build_dehaze_method(cfg: DehazeConfig, device: Optional[torch.device] = None) -> AECRTraining:
@@ -133,6 +143,8 @@ def build_dehaze_method(cfg: DehazeConfig, device: Optional[torch.device] = None
     if cfg.beta > 0:
         vgg = VGG19Features(weights=cfg.vgg_weights, normalize_input=cfg.vgg_normalize,
                             checkpoint_slices=CHECKPOINT_VGG_SLICES if cfg.activation_checkpointing else 0).to(device)
+        if cfg.winograd:
+            use_winograd(vgg, WINOGRAD_MIN_CHANNELS)
         cr = ContrastiveRegularization(
             vgg, layer_weights=cfg.layer_weights, use_negatives=cfg.cr_negatives, reduction=cfg.cr_reduction
         )

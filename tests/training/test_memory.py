@@ -100,3 +100,63 @@ def test_config_keys_are_validated():
     # On by default for translation (its steps fault heavily otherwise), off for dehazing.
     assert TranslationConfig().retain_freed_memory is True
     assert DehazeConfig().retain_freed_memory is False
+
+
+# Restarts itself through restart_without_malloc_tcache; the restarted run prints what it sees.
+RESTART = """
+import os, sys
+from lowcon.training.memory import malloc_tcache_disabled, restart_without_malloc_tcache
+print("run", malloc_tcache_disabled(), os.environ.get("GLIBC_TUNABLES", ""), flush=True)
+restart_without_malloc_tcache([sys.executable, "-c", sys.argv[1] if len(sys.argv) > 1 else __doc__, *sys.argv[1:]])
+"""
+
+
+@glibc
+@pytest.mark.parametrize("env, runs", [
+    ({}, ["run False ", "run True glibc.malloc.tcache_count=0"]),
+    # other tunables are kept; an explicit opt-out or a process that already restarted runs once
+    ({"GLIBC_TUNABLES": "glibc.malloc.mxfast=0"},
+     ["run False glibc.malloc.mxfast=0", "run True glibc.malloc.mxfast=0:glibc.malloc.tcache_count=0"]),
+    ({"LOWCON_NO_RESTART": "1"}, ["run False "]),
+    ({"LOWCON_MALLOC_RESTARTED": "1"}, ["run False "]),
+])
+def test_a_process_restarts_once_with_the_tcache_off(env, runs):
+    import os
+
+    clean = {k: v for k, v in os.environ.items()
+             if k not in ("GLIBC_TUNABLES", "LOWCON_NO_RESTART", "LOWCON_MALLOC_RESTARTED")}
+    done = subprocess.run([sys.executable, "-c", RESTART, RESTART], capture_output=True, text=True, timeout=120,
+                          env={**clean, **env})
+    assert done.returncode == 0, done.stderr
+    assert [line.rstrip() for line in done.stdout.splitlines()] == [r.rstrip() for r in runs]
+
+
+def test_only_a_real_command_line_restarts(monkeypatch):
+    # main(argv) from a caller's process (tests, notebooks) must never replace that process.
+    import os
+
+    from lowcon import cli
+
+    monkeypatch.setattr(os, "execve", lambda *a: pytest.fail("execve called"))
+    seen = []
+    monkeypatch.setattr(cli, "cmd_train", lambda args: seen.append((args.restartable, args.argv)) or 0)
+    assert cli.main(["train", "cut", "--set", "max_steps=1"]) == 0
+    monkeypatch.setattr(sys, "argv", ["lowcon", "train", "cut"])
+    assert cli.main() == 0  # the console script: this one may start again
+    assert seen == [(False, ["train", "cut", "--set", "max_steps=1"]), (True, ["train", "cut"])]
+
+
+def test_tcache_defaults():
+    from lowcon.dehazing import DehazeConfig
+    from lowcon.translation import TranslationConfig
+
+    assert TranslationConfig().malloc_tcache is False and DehazeConfig().malloc_tcache is False
+
+
+def test_translation_does_not_load_torchvision():
+    # torchvision's compiled ops add about 170 MB to a process's memory at import; translation
+    # needs none of them (AECR-Net imports them only for dcn_impl torchvision, VGG-19 for CR).
+    code = "import sys, lowcon, lowcon.translation; print('torchvision' in sys.modules)"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "False"

@@ -287,7 +287,10 @@ class CUT(TranslationMethod):
 
         The same pass also returns the generator's NCE-layer features of the real images: they
         are PatchNCE's keys, which the official code computes with a second encoder pass (and
-        a graph it never uses). Taken from this pass they are the same values, detached. When
+        a graph it never uses). Taken from this pass they are the same values, detached. Their
+        patch locations are drawn here and only the drawn patches are kept (the full maps of
+        the five layers are 57 MB per 256x256 image); the draws come in the same order from
+        the same generator as when ``nce_loss`` draws them, so the values are the same. When
         the input was flipped (FastCUT's flip equivariance) the keys must be those of the
         unflipped image, so ``nce_loss`` computes them itself.
 
@@ -296,8 +299,8 @@ class CUT(TranslationMethod):
 
         Returns:
             {"fake_B", "idt_B" (or None), "flipped", "keys_A", "keys_B"}; images in [-1, 1],
-            fake_B flipped when ``flipped`` (as the official code keeps it); keys None when not
-            reusable.
+            fake_B flipped when ``flipped`` (as the official code keeps it); keys as
+            (patches per layer, patch ids per layer) from ``self.sampler``, None when not reusable.
         """
         real = torch.cat([real_A, real_B]) if self.needs_idt else real_A
         if flip is None:
@@ -310,27 +313,28 @@ class CUT(TranslationMethod):
         if reuse:
             fake, feats = self.G.forward_with_features(real, self.nce_layers)
             feats = [f.detach() for f in feats]
-            keys_A = [f[:n] for f in feats]
-            keys_B = [f[n:] for f in feats] if self.needs_idt else None
+            keys_A = self.sampler([f[:n] for f in feats])
+            keys_B = self.sampler([f[n:] for f in feats]) if self.needs_idt else None
+            del feats
         else:
             fake = self.G(real)
         return {"fake_B": fake[:n], "idt_B": fake[n:] if self.needs_idt else None, "flipped": bool(flip),
                 "keys_A": keys_A, "keys_B": keys_B}
 
     def nce_loss(self, source: Tensor, output: Tensor, flipped: bool = False,
-                 keys: Optional[list[Tensor]] = None) -> Tensor:
+                 keys: Optional[tuple[list[Tensor], list[Tensor]]] = None) -> Tensor:
         """PatchNCE between the generator's features of `output` (queries) and of `source` (keys),
         averaged over the NCE layers; `flipped` flips the query features back first; `keys`:
-        the source's features when already computed (no gradient flows into them)."""
+        the source's key patches and their ids (``self.sampler``'s output) when already drawn
+        (no gradient flows into them)."""
         feat_q = self.G.forward_features(output, self.nce_layers)
         if flipped:
             feat_q = [torch.flip(f, dims=[3]) for f in feat_q]
         # The keys are detached inside the loss, so they need no graph.
         if keys is None:
             with torch.no_grad():
-                keys = self.G.forward_features(source, self.nce_layers)
-        feat_k = [k.detach() for k in keys]
-        patches_k, ids = self.sampler(feat_k)
+                keys = self.sampler(self.G.forward_features(source, self.nce_layers))
+        patches_k, ids = [k.detach() for k in keys[0]], keys[1]
         patches_q, _ = self.sampler(feat_q, ids=ids)
         with torch.no_grad():
             keys = self.F(patches_k)

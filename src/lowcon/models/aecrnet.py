@@ -30,7 +30,6 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
-from torchvision.ops import deform_conv2d
 
 from .deform_conv import sampled_deform_conv2d
 
@@ -351,7 +350,10 @@ class ModulatedDeformConv2d(nn.Module):
         impl = self.impl
         if impl == "auto":
             impl = "sampled" if x.device.type == "cpu" else "torchvision"
-        op = sampled_deform_conv2d if impl == "sampled" else deform_conv2d
+        if impl == "sampled":
+            op = sampled_deform_conv2d
+        else:  # imported here: torchvision's compiled ops add about 170 MB to the process at import
+            from torchvision.ops import deform_conv2d as op
         return op(x, offset, self.weight, self.bias, stride=self.stride, padding=self.padding,
                   mask=torch.sigmoid(mask_logits))
 

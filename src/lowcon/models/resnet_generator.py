@@ -32,6 +32,8 @@ from torch.utils.checkpoint import checkpoint
 
 from lowcon.models.blur import Downsample, Upsample
 from lowcon.models.feature_generator import FeatureGenerator
+from lowcon.models.winograd import (WinogradConv2d, conv3x3_input_grad, conv3x3_weight_grad, fast_path_applies,
+                                    winograd_conv3x3)
 
 NORMS = ("instance", "batch", "none")
 PADDINGS = ("reflect", "replicate", "zero")
@@ -93,7 +95,8 @@ class ResnetBlock(nn.Module):
         if self.fused and torch.is_grad_enabled() and not torch.is_autocast_enabled(x.device.type):
             pad, conv1, norm1, _, _, conv2, norm2 = self.conv_block
             h = conv1(pad(x))
-            return x + norm2(_NormReLUPadConv.apply(h, conv2.weight, conv2.bias, norm1.eps))
+            winograd = isinstance(conv2, WinogradConv2d) and fast_path_applies(h, conv2.weight, 1)
+            return x + norm2(_NormReLUPadConv.apply(h, conv2.weight, conv2.bias, norm1.eps, 1, 1, winograd))
         return x + self.conv_block(x)
 
 
@@ -105,16 +108,20 @@ class _NormReLUPadConv(torch.autograd.Function):
     convolution's, even when its filter is fixed): two more maps of h's size. Backward recomputes
     both from `h` (elementwise work and a copy) and then runs the same convolution, ReLU and
     instance-norm backward formulas. Used for each residual block's second conv, and for the
-    blur-pool of each anti-aliased down step (a fixed depthwise filter with stride 2).
+    blur-pool of each anti-aliased down step (a fixed depthwise filter with stride 2). With
+    `winograd` (3x3, stride 1, one group) the convolution and its two gradients run as
+    :mod:`lowcon.models.winograd`'s, as the block's :class:`WinogradConv2d` would.
     """
 
     @staticmethod
     def forward(ctx, h: Tensor, weight: Tensor, bias: Optional[Tensor], eps: float, stride: int = 1,
-                groups: int = 1) -> Tensor:  # noqa: D401
+                groups: int = 1, winograd: bool = False) -> Tensor:  # noqa: D401
         # The same kernels as the unfused modules, so the forward values are bit for bit theirs.
         padded = F.pad(F.relu(F.instance_norm(h, eps=eps)), (1, 1, 1, 1), mode="reflect")
         ctx.save_for_backward(h, weight)
-        ctx.has_bias, ctx.eps, ctx.stride, ctx.groups = bias is not None, eps, stride, groups
+        ctx.has_bias, ctx.eps, ctx.stride, ctx.groups, ctx.winograd = bias is not None, eps, stride, groups, winograd
+        if winograd:  # (autograd is off inside forward: this records nothing)
+            return winograd_conv3x3(padded, weight, bias)
         return F.conv2d(padded, weight, bias, stride=stride, groups=groups)
 
     @staticmethod
@@ -124,13 +131,19 @@ class _NormReLUPadConv(torch.autograd.Function):
         normed, mean, invstd = _instance_norm_with_stats(h, ctx.eps)
         padded = F.pad(F.relu(normed), (1, 1, 1, 1), mode="reflect")
         need_w, need_b = ctx.needs_input_grad[1], ctx.has_bias and ctx.needs_input_grad[2]
-        grad_padded, grad_w, grad_b = torch.ops.aten.convolution_backward(
-            grad, padded, weight, [weight.shape[0]] if ctx.has_bias else None, [ctx.stride] * 2, [0, 0], [1, 1],
-            False, [0, 0], ctx.groups, [True, need_w, need_b])
+        if ctx.winograd:
+            grad = grad.contiguous()
+            grad_padded = conv3x3_input_grad(grad, weight)
+            grad_w = conv3x3_weight_grad(grad, padded) if need_w else None
+            grad_b = grad.sum((0, 2, 3)) if need_b else None
+        else:
+            grad_padded, grad_w, grad_b = torch.ops.aten.convolution_backward(
+                grad, padded, weight, [weight.shape[0]] if ctx.has_bias else None, [ctx.stride] * 2, [0, 0],
+                [1, 1], False, [0, 0], ctx.groups, [True, need_w, need_b])
         del padded
         grad_h = _norm_relu_backward(torch.ops.aten.reflection_pad2d_backward(grad_padded, normed, [1, 1, 1, 1]),
                                      h, normed, mean, invstd, ctx.eps)
-        return grad_h, grad_w if need_w else None, grad_b if need_b else None, None, None, None
+        return grad_h, grad_w if need_w else None, grad_b if need_b else None, None, None, None, None
 
 
 def _as_batch_norm_input(x: Tensor) -> Tensor:

@@ -1,0 +1,147 @@
+"""Winograd F(4x4, 3x3) convolution: values and gradients against float64 ``F.conv2d`` (a direct
+sum, an independent formulation), the fast-path rules, and the switch of a network's layers."""
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import lowcon.models.winograd as wg
+from lowcon.models.resnet_generator import ResnetGenerator
+from lowcon.models.winograd import (WinogradConv2d, conv3x3_input_grad, conv3x3_weight_grad, fast_path_applies,
+                                    release_workspace, use_winograd, winograd_conv3x3)
+
+
+def _relative(a: torch.Tensor, ref: torch.Tensor) -> float:
+    return ((a.double() - ref).abs().max() / ref.abs().max()).item()
+
+
+def test_constant_image_and_filter_by_hand():
+    # Every output pixel sums 3 x 3 taps x 2 channels of 1 * 0.5: 9.0, and the input gradient of a
+    # unit output gradient counts how many outputs each input pixel feeds (1, 2 or 3 per axis).
+    x = torch.ones(1, 2, 7, 9, requires_grad=True)
+    w = torch.full((1, 2, 3, 3), 0.5, requires_grad=True)
+    y = winograd_conv3x3(x, w)
+    assert y.shape == (1, 1, 5, 7)
+    assert torch.allclose(y, torch.full_like(y, 9.0), atol=1e-5)
+    y.sum().backward()
+    per_row, per_col = torch.tensor([1., 2, 3, 3, 3, 2, 1]), torch.tensor([1., 2, 3, 3, 3, 3, 3, 2, 1])
+    expected = 0.5 * per_row[:, None] * per_col[None, :]
+    assert torch.allclose(x.grad[0, 0], expected, atol=1e-5) and torch.allclose(x.grad[0, 1], expected, atol=1e-5)
+    assert torch.allclose(w.grad, torch.full_like(w, 35.0), atol=1e-4)  # each tap sees 5 x 7 ones
+
+
+@pytest.mark.parametrize("shape", [(2, 5, 7, 9, 13), (1, 8, 4, 10, 10), (3, 16, 16, 7, 6), (1, 4, 4, 23, 30)])
+@pytest.mark.parametrize("band_bytes", [16 * 2 ** 20, 3000])  # one band, and one tile row per band
+def test_values_and_gradients_match_float64_direct_convolution(shape, band_bytes, monkeypatch):
+    monkeypatch.setattr(wg, "_BAND_BYTES", band_bytes)
+    release_workspace()
+    b, c, o, h, w_ = shape
+    gen = torch.Generator().manual_seed(sum(shape))
+    x = torch.randn(b, c, h, w_, dtype=torch.float64, generator=gen)
+    w = torch.randn(o, c, 3, 3, dtype=torch.float64, generator=gen)
+    bias = torch.randn(o, dtype=torch.float64, generator=gen)
+    xs, ws, bs = (t.float().requires_grad_() for t in (x, w, bias))
+    y = winograd_conv3x3(xs, ws, bs)
+    grad = torch.randn(y.shape, dtype=torch.float64, generator=gen)
+    y.backward(grad.float())
+    xd, wd, bd = (t.clone().requires_grad_() for t in (x, w, bias))
+    ref = F.conv2d(xd, wd, bd)
+    ref.backward(grad)
+    assert y.shape == ref.shape
+    # F(4, 3) in float32: a few 1e-6 relative here (the direct float32 convolution: about 1e-6)
+    assert _relative(y, ref) < 2e-5
+    assert _relative(xs.grad, xd.grad) < 2e-5
+    assert _relative(ws.grad, wd.grad) < 2e-5
+    assert _relative(bs.grad, bd.grad) < 1e-5
+
+
+def test_gradient_helpers_match_autograd_of_direct_convolution():
+    gen = torch.Generator().manual_seed(3)
+    xp = torch.randn(2, 6, 12, 11, dtype=torch.float64, generator=gen, requires_grad=True)
+    w = torch.randn(5, 6, 3, 3, dtype=torch.float64, generator=gen, requires_grad=True)
+    grad = torch.randn(2, 5, 10, 9, dtype=torch.float64, generator=gen)
+    F.conv2d(xp, w).backward(grad)
+    assert _relative(conv3x3_input_grad(grad.float(), w.detach().float()), xp.grad) < 2e-5
+    assert _relative(conv3x3_weight_grad(grad.float(), xp.detach().float()), w.grad) < 2e-5
+
+
+def test_bad_shapes_are_one_line_errors():
+    with pytest.raises(ValueError, match="weight \\(O, C, 3, 3\\)"):
+        winograd_conv3x3(torch.randn(1, 3, 8, 8), torch.randn(4, 3, 5, 5))
+    with pytest.raises(ValueError, match="at least 3"):
+        winograd_conv3x3(torch.randn(1, 3, 2, 8), torch.randn(4, 3, 3, 3))
+
+
+def test_fast_path_rules():
+    w = torch.randn(4, 8, 3, 3)
+    assert fast_path_applies(torch.randn(1, 8, 34, 34), w)  # 8 x 8 tiles
+    assert not fast_path_applies(torch.randn(1, 8, 18, 18), w)  # 4 x 4 tiles: too few to gain
+    assert fast_path_applies(torch.randn(4, 8, 18, 18), w)  # ... unless the batch makes them up
+    assert fast_path_applies(torch.randn(1, 8, 32, 32), w, padding=1)
+    assert not fast_path_applies(torch.randn(1, 8, 34, 34, dtype=torch.float64), w.double())
+    assert not fast_path_applies(torch.randn(1, 8, 34, 34), torch.randn(4, 8, 5, 5))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert not fast_path_applies(torch.randn(1, 8, 34, 34), w)
+
+
+def test_layer_switch_keeps_parameters_and_falls_back():
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(128, 128, 3, padding=1), nn.Conv2d(128, 128, 3, stride=2, padding=1),
+                        nn.Conv2d(128, 64, 3, padding=1), nn.Conv2d(128, 128, 4, padding=1))
+    net[3] = nn.Conv2d(64, 128, 3, padding=1)
+    keys = list(net.state_dict())
+    assert use_winograd(net) == 1  # stride 2 and the 64-channel layers stay direct
+    assert [type(m) is WinogradConv2d for m in net] == [True, False, False, False]
+    assert list(net.state_dict()) == keys
+    x = torch.randn(1, 128, 32, 32)
+    assert torch.allclose(net[0](x), F.conv2d(x, net[0].weight, net[0].bias, padding=1), atol=1e-4)
+    xd = x.double()  # float64 runs F.conv2d itself: exactly
+    assert torch.equal(net[0].double()(xd), F.conv2d(xd, net[0].weight, net[0].bias, padding=1))
+    with pytest.raises(ValueError, match="min_channels"):
+        use_winograd(net, 0)
+
+
+def test_resnet_generator_trains_the_same_with_and_without(monkeypatch):
+    calls = []
+    conv = wg._conv
+    monkeypatch.setattr(wg, "_conv", lambda *a, **k: calls.append(1) or conv(*a, **k))
+    torch.manual_seed(0)
+    direct = ResnetGenerator(ngf=32, n_blocks=2)  # 128 channels in the residual blocks
+    fast = ResnetGenerator(ngf=32, n_blocks=2)
+    fast.load_state_dict(direct.state_dict())
+    assert use_winograd(fast) == 4  # the blocks' convs; the 64 <-> 128 down- and up-convs stay direct
+    x = torch.randn(1, 3, 128, 128)  # 32 x 32 in the blocks: 64 tiles, the fast path's least
+    outs, grads = [], []
+    for net in (direct, fast):
+        y, feats = net.forward_with_features(x, (4, 12, 13))
+        (y.square().mean() + sum(f.mean() for f in feats)).backward()
+        outs.append(y.detach())
+        grads.append(torch.cat([p.grad.flatten() for p in net.parameters()]))
+    # 2 blocks x 2 convs, a forward and an input gradient each (the weight gradients do not go
+    # through _conv): the fused second convs ran the fast path as well
+    assert len(calls) == 8
+    assert (outs[0] - outs[1]).abs().max() < 1e-4
+    assert _relative(grads[1], grads[0].double()) < 1e-3
+
+
+def test_workspace_is_reused_and_released():
+    x, w = torch.randn(1, 8, 34, 34), torch.randn(8, 8, 3, 3)
+    winograd_conv3x3(x, w)
+    buffers = dict(wg._workspace.buffers)
+    winograd_conv3x3(x, w)
+    assert all(wg._workspace.buffers[k] is v for k, v in buffers.items())
+    release_workspace()
+    assert not wg._workspace.buffers
+
+
+def test_configs_switch_the_networks():
+    from lowcon.dehazing import DehazeConfig, build_network
+    from lowcon.translation import TranslationConfig, build_generator
+
+    def count(net):
+        return sum(type(m) is WinogradConv2d for m in net.modules())
+
+    assert count(build_generator(TranslationConfig(method="cut"))) == 20  # 18 block convs, down and up
+    assert count(build_generator(TranslationConfig(method="cut", winograd=False))) == 0
+    assert count(build_network(DehazeConfig())) == 2  # the shared FA block's two convs
+    assert count(build_network(DehazeConfig(winograd=False))) == 0
