@@ -22,7 +22,7 @@ from .inference import auto_device, run_padded, run_tiled
 from .methods.aecr import AECRTraining
 from .metrics.protocols import DEFAULT_PROTOCOL, get_protocol
 from .models.aecrnet import AECRNET_VARIANTS, AECRNet, build_aecrnet
-from .models.winograd import WINOGRAD_MIN_CHANNELS, use_winograd
+from .models.winograd import use_winograd
 from .report import markdown_table, write_text_atomic
 from .training import Trainer, load_checkpoint, save_checkpoint
 from .training.memory import check_allocator_settings, configure_allocator
@@ -131,7 +131,7 @@ def build_network(cfg: DehazeConfig) -> AECRNet:
         checkpoint_blocks=cfg.activation_checkpointing,
     )
     if cfg.winograd:
-        use_winograd(net, WINOGRAD_MIN_CHANNELS)
+        use_winograd(net)
     return net
 
 
@@ -144,7 +144,7 @@ def build_dehaze_method(cfg: DehazeConfig, device: Optional[torch.device] = None
         vgg = VGG19Features(weights=cfg.vgg_weights, normalize_input=cfg.vgg_normalize,
                             checkpoint_slices=CHECKPOINT_VGG_SLICES if cfg.activation_checkpointing else 0).to(device)
         if cfg.winograd:
-            use_winograd(vgg, WINOGRAD_MIN_CHANNELS)
+            use_winograd(vgg)
         cr = ContrastiveRegularization(
             vgg, layer_weights=cfg.layer_weights, use_negatives=cfg.cr_negatives, reduction=cfg.cr_reduction
         )

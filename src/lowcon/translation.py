@@ -40,7 +40,7 @@ from lowcon.methods.cyclegan import CycleGAN
 from lowcon.models.init import init_weights
 from lowcon.models.patch_discriminator import PatchDiscriminator
 from lowcon.models.resnet_generator import ResnetGenerator
-from lowcon.models.winograd import WINOGRAD_MIN_CHANNELS, use_winograd
+from lowcon.models.winograd import use_winograd
 from lowcon.models.stylegan2 import (
     StyleGAN2Discriminator,
     StyleGAN2Generator,
@@ -337,7 +337,7 @@ def _generator_network(cfg: TranslationConfig, checkpoint_blocks: bool = False) 
         antialias_up=cfg.antialias_up, nce_layers=nce_layers, checkpoint_blocks=checkpoint_blocks,
     )
     if cfg.winograd:
-        use_winograd(net, WINOGRAD_MIN_CHANNELS)
+        use_winograd(net)
     return net
 
 

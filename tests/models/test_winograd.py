@@ -87,11 +87,11 @@ def test_fast_path_rules():
 def test_layer_switch_keeps_parameters_and_falls_back():
     torch.manual_seed(0)
     net = nn.Sequential(nn.Conv2d(128, 128, 3, padding=1), nn.Conv2d(128, 128, 3, stride=2, padding=1),
-                        nn.Conv2d(128, 64, 3, padding=1), nn.Conv2d(128, 128, 4, padding=1))
-    net[3] = nn.Conv2d(64, 128, 3, padding=1)
+                        nn.Conv2d(128, 64, 3, padding=1), nn.Conv2d(64, 128, 3, padding=1),
+                        nn.Conv2d(128, 128, 4, padding=1))
     keys = list(net.state_dict())
-    assert use_winograd(net) == 1  # stride 2 and the 64-channel layers stay direct
-    assert [type(m) is WinogradConv2d for m in net] == [True, False, False, False]
+    assert use_winograd(net) == 1  # stride 2, the 64-channel layers and the 4x4 filter stay direct
+    assert [type(m) is WinogradConv2d for m in net] == [True, False, False, False, False]
     assert list(net.state_dict()) == keys
     x = torch.randn(1, 128, 32, 32)
     assert torch.allclose(net[0](x), F.conv2d(x, net[0].weight, net[0].bias, padding=1), atol=1e-4)

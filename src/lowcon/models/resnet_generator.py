@@ -32,8 +32,7 @@ from torch.utils.checkpoint import checkpoint
 
 from lowcon.models.blur import Downsample, Upsample
 from lowcon.models.feature_generator import FeatureGenerator
-from lowcon.models.winograd import (WinogradConv2d, conv3x3_input_grad, conv3x3_weight_grad, fast_path_applies,
-                                    winograd_conv3x3)
+from lowcon.models.winograd import WinogradConv2d, conv3x3_backward, fast_path_applies, winograd_conv3x3
 
 NORMS = ("instance", "batch", "none")
 PADDINGS = ("reflect", "replicate", "zero")
@@ -132,10 +131,7 @@ class _NormReLUPadConv(torch.autograd.Function):
         padded = F.pad(F.relu(normed), (1, 1, 1, 1), mode="reflect")
         need_w, need_b = ctx.needs_input_grad[1], ctx.has_bias and ctx.needs_input_grad[2]
         if ctx.winograd:
-            grad = grad.contiguous()
-            grad_padded = conv3x3_input_grad(grad, weight)
-            grad_w = conv3x3_weight_grad(grad, padded) if need_w else None
-            grad_b = grad.sum((0, 2, 3)) if need_b else None
+            grad_padded, grad_w, grad_b = conv3x3_backward(grad, padded, weight, True, need_w, need_b)
         else:
             grad_padded, grad_w, grad_b = torch.ops.aten.convolution_backward(
                 grad, padded, weight, [weight.shape[0]] if ctx.has_bias else None, [ctx.stride] * 2, [0, 0],

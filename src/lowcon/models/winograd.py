@@ -193,6 +193,16 @@ def conv3x3_weight_grad(grad: Tensor, xp: Tensor) -> Tensor:
     return grad_weight.t().reshape(o, c, 3, 3)
 
 
+def conv3x3_backward(grad: Tensor, xp: Tensor, weight: Tensor, need_input: bool, need_weight: bool,
+                     need_bias: bool) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
+    """Gradients of ``F.conv2d(xp, weight, bias)`` (3x3, stride 1, no padding) to `xp`, `weight` and
+    `bias` given `grad` to its output, each None where not needed."""
+    grad = grad.contiguous()
+    return (conv3x3_input_grad(grad, weight) if need_input else None,
+            conv3x3_weight_grad(grad, xp) if need_weight else None,
+            grad.sum((0, 2, 3)) if need_bias else None)
+
+
 class _WinogradConv3x3(torch.autograd.Function):
     @staticmethod
     def forward(ctx, xp: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:  # noqa: D401
@@ -207,11 +217,8 @@ class _WinogradConv3x3(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, grad: Tensor):
         xp, weight = ctx.saved_tensors
-        grad = grad.contiguous()
-        grad_x = conv3x3_input_grad(grad, weight) if ctx.needs_input_grad[0] else None
-        grad_w = conv3x3_weight_grad(grad, xp) if ctx.needs_input_grad[1] else None
-        grad_b = grad.sum((0, 2, 3)) if ctx.has_bias and ctx.needs_input_grad[2] else None
-        return grad_x, grad_w, grad_b
+        need_x, need_w, need_b = ctx.needs_input_grad
+        return conv3x3_backward(grad, xp, weight, need_x, need_w, ctx.has_bias and need_b)
 
 
 def fast_path_applies(x: Tensor, weight: Tensor, padding: int = 0) -> bool:

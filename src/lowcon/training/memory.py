@@ -25,7 +25,7 @@ are carved out of the holes between freed activations, and while they sit in tha
 cannot merge, so a later large tensor goes to the top of the heap. With the cache off a FastCUT
 step's peak fell from 2.33 to 2.16 GB (retained memory, 256x256), at the same speed. glibc reads
 that setting only when a process starts, so ``lowcon train`` starts itself again with it (the
-config key ``malloc_tcache: false``, the translation default).
+config key ``malloc_tcache: false``, the default of both training configs).
 
 glibc only: on other C libraries these calls do nothing and say so.
 """
