@@ -1,3 +1,4 @@
+import dataclasses
 from dataclasses import dataclass
 from typing import Literal
 
@@ -51,12 +52,16 @@ def test_file_then_overrides_and_round_trip(tmp_path):
 
 def test_every_dehaze_preset_loads_and_validates():
     names = [n for n in list_presets() if n.startswith("aecrnet")]
-    assert len(names) == 11  # full + 6 Table 2 rows + 4 Table 4 rows
+    assert len(names) == 12  # full + 6 Table 2 rows + 4 Table 4 rows + the low-memory one
     cfgs = {n: load_config(DehazeConfig, preset_path(n)) for n in names}
     assert cfgs["aecrnet"].beta == 0.1 and cfgs["aecrnet"].lr == 1e-4 and cfgs["aecrnet"].batch_size == 16
     assert cfgs["aecrnet_t2_base"].variant == "base" and cfgs["aecrnet_t2_base"].beta == 0
     assert cfgs["aecrnet_t2_cr_noneg"].cr_negatives is False
     assert cfgs["aecrnet_t4_1tor"].num_negatives == 10 and cfgs["aecrnet_t4_rtor"].num_positives == 10
+    low = cfgs["aecrnet_low_memory"]
+    assert low.activation_checkpointing and low.heap_mmap_threshold_mb == 8
+    assert dataclasses.replace(low, activation_checkpointing=False, heap_mmap_threshold_mb=0,
+                               run_dir=cfgs["aecrnet"].run_dir) == cfgs["aecrnet"]
 
 
 def test_dehaze_config_validation():

@@ -4,6 +4,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lowcon.models.blur import Downsample, Upsample
+from lowcon.models import resnet_generator
 from lowcon.models.resnet_generator import ResnetBlock, ResnetGenerator
 
 
@@ -194,16 +195,6 @@ def test_fused_block_matches_the_plain_modules_values_and_gradients():
         torch.testing.assert_close(a, b, rtol=0, atol=1e-11)
 
 
-def test_fused_norm_relu_pad_conv_passes_gradcheck():
-    from lowcon.models.resnet_generator import _NormReLUPadConv
-
-    g = torch.Generator().manual_seed(1)
-    h = torch.randn(2, 3, 4, 5, dtype=torch.float64, generator=g, requires_grad=True)
-    w = torch.randn(4, 3, 3, 3, dtype=torch.float64, generator=g, requires_grad=True)
-    b = torch.randn(4, dtype=torch.float64, generator=g, requires_grad=True)
-    assert torch.autograd.gradcheck(lambda h, w, b: _NormReLUPadConv.apply(h, w, b, 1e-5), (h, w, b))
-
-
 def test_fused_block_does_not_keep_the_relu_output_its_padded_copy_or_the_norm_statistics(saved_bytes):
     b, c, h, w = 2, 4, 6, 8
     block = ResnetBlock(c)
@@ -235,32 +226,34 @@ def test_down_steps_train_fused_with_the_values_and_gradients_of_the_plain_layer
         return [out, *feats], torch.autograd.grad(loss, [x, *params])
 
     fused_values, fused_grads = run()
-    monkeypatch.setattr(net, "_norm_relu_blurpool_at", lambda *args: False)
+    monkeypatch.setattr(resnet_generator, "fused_step", lambda *args: None)
     plain_values, plain_grads = run()
     for a, b in zip(fused_values + list(fused_grads), plain_values + list(plain_grads)):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-11)
 
 
-def test_fused_norm_relu_blurpool_passes_gradcheck():
-    from lowcon.models.resnet_generator import _NormReLUPadConv
-
-    down = Downsample(3).double()
-    h = torch.randn(2, 3, 6, 7, dtype=torch.float64, generator=torch.Generator().manual_seed(2),
-                    requires_grad=True)
-    assert torch.autograd.gradcheck(lambda h: _NormReLUPadConv.apply(h, down.filt, None, 1e-5, 2, 3), (h,))
-
-
-def test_fused_down_steps_keep_two_maps_fewer_each(monkeypatch, saved_bytes):
+def test_fused_runs_keep_only_their_inputs(monkeypatch, saved_bytes):
     b, ngf, h, w = 2, 4, 16, 12
     net = ResnetGenerator(ngf=ngf, n_blocks=1)
     x = torch.randn(b, 3, h, w)
     fused = saved_bytes(net, x)
-    monkeypatch.setattr(net, "_norm_relu_blurpool_at", lambda *args: False)
+    monkeypatch.setattr(resnet_generator, "fused_step", lambda *args: None)
     plain = saved_bytes(net, x)
-    # Per down step: the ReLU output, its padded copy and the norm's mean and 1/std.
-    step1 = b * 2 * ngf * (h * w + (h + 2) * (w + 2) + 2) * 4
-    step2 = b * 4 * ngf * ((h // 2) * (w // 2) + (h // 2 + 2) * (w // 2 + 2) + 2) * 4
-    assert plain - fused == step1 + step2
+    # What the plain layers keep and the fused runs recompute (float32, so 4 bytes a number).
+    # [norm, ReLU, conv 3x3]: the ReLU output and the norm's mean and 1/std.
+    first = b * ngf * (h * w + 2)
+    # Each down step [norm, ReLU, blur-pool]: also the padded copy the blur reads.
+    down1 = b * 2 * ngf * (h * w + (h + 2) * (w + 2) + 2)
+    down2 = b * 4 * ngf * ((h // 2) * (w // 2) + (h // 2 + 2) * (w // 2 + 2) + 2)
+    # The second up step [norm, ReLU, Upsample, conv]: the ReLU output and statistics, the
+    # replicate-padded copy the transposed blur reads, its output (h + 2 by w + 2 before the
+    # crop, whose view the conv keeps), and the blur's 4x4 filter, which the fused run takes from
+    # the layer in backward. The first up step follows a residual block: no ReLU, not fused.
+    c, h2, w2 = 2 * ngf, h // 2, w // 2
+    up2 = b * c * (h2 * w2 + 2 + (h2 + 2) * (w2 + 2) + (h + 2) * (w + 2)) + c * 16
+    # The last [norm, ReLU, reflection pad 3, conv 7x7]: the ReLU output, statistics, padded copy.
+    last = b * ngf * (h * w + 2 + (h + 6) * (w + 6))
+    assert plain - fused == 4 * (first + down1 + down2 + up2 + last)
 
 
 def test_a_requested_inner_feature_keeps_the_down_step_unfused():

@@ -134,6 +134,27 @@ def test_workspace_is_reused_and_released():
     assert not wg._workspace.buffers
 
 
+def test_scratch_above_the_kept_size_is_not_kept(monkeypatch):
+    release_workspace()
+    # 64 channels on a small map: the transformed filter and its gradient (36 x 64 x 64 floats)
+    # are the two largest scratch tensors; the tiles of the 2 x 4 x 4 output tiles are half that.
+    x, w = torch.randn(2, 64, 18, 18, requires_grad=True), torch.randn(64, 64, 3, 3, requires_grad=True)
+    filter_bytes = 36 * 64 * 64 * 4
+    winograd_conv3x3(x, w).square().sum().backward()
+    assert {"filter", "grad_filter", "input"} <= set(wg._workspace.buffers)
+    grads = x.grad.clone(), w.grad.clone()
+    release_workspace()
+    monkeypatch.setattr(wg, "_KEPT_BYTES", filter_bytes - 1)
+    x.grad = w.grad = None
+    winograd_conv3x3(x, w).square().sum().backward()
+    assert not {"filter", "grad_filter"} & set(wg._workspace.buffers) and "input" in wg._workspace.buffers
+    # Kept buffers have a quarter to spare over what was asked for.
+    assert all(v.numel() * 4 <= filter_bytes * 5 // 4 for v in wg._workspace.buffers.values())
+    torch.testing.assert_close(x.grad, grads[0], rtol=0, atol=0)
+    torch.testing.assert_close(w.grad, grads[1], rtol=0, atol=0)
+    release_workspace()
+
+
 def test_configs_switch_the_networks():
     from lowcon.dehazing import DehazeConfig, build_network
     from lowcon.translation import TranslationConfig, build_generator

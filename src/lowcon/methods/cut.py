@@ -24,6 +24,7 @@ the trainer saves and restores it.
 """
 from __future__ import annotations
 
+from contextlib import nullcontext
 from typing import Callable, Iterable, Literal, Optional, Sequence
 
 import torch
@@ -33,6 +34,7 @@ from torch import Tensor, nn
 from lowcon.contrast.patchnce import PatchNCELoss
 from lowcon.contrast.projector import PatchProjector
 from lowcon.contrast.sampler import PatchSampler
+from lowcon.models.fused import unfused
 from lowcon.models.gan_loss import GAN_MODES, GANLoss
 from lowcon.methods.base import Method
 
@@ -346,7 +348,9 @@ class CUT(TranslationMethod):
         """D_fake, D_real, (D_R1) and D = 0.5 * (D_fake + D_real) + D_R1."""
         losses = {"D_fake": self.gan(self.D(fake_B.detach()), False)}
         real = real_B.detach().requires_grad_(self.lambda_R1 > 0)
-        pred_real = self.D(real)
+        # R1 differentiates D's gradient: its layers must run plain, not as fused Functions.
+        with unfused() if self.lambda_R1 > 0 else nullcontext():
+            pred_real = self.D(real)
         losses["D_real"] = self.gan(pred_real, True)
         total = 0.5 * (losses["D_fake"] + losses["D_real"])
         if self.lambda_R1 > 0:

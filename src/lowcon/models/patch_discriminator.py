@@ -16,9 +16,11 @@ Note: the official CUT code also has a class named ``PatchDiscriminator`` that c
 """
 from __future__ import annotations
 
+import torch
 from torch import Tensor, nn
 
 from lowcon.models.blur import Downsample
+from lowcon.models.fused import fused_step
 from lowcon.models.resnet_generator import NORMS, norm_layer
 
 
@@ -82,4 +84,17 @@ class PatchDiscriminator(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         if x.ndim != 4 or x.shape[1] != self.in_channels:
             raise ValueError(f"x must have shape (B, {self.in_channels}, H, W), got {tuple(x.shape)}")
-        return self.model(x)
+        if not torch.is_grad_enabled() or torch.is_autocast_enabled(x.device.type):
+            return self.model(x)
+        # Training: each [norm], LeakyReLU, blur-pool or conv runs as one NormActConv, which keeps
+        # only its input for backward (lowcon.models.fused); the same values and gradients.
+        index, last = 0, len(self.model) - 1
+        while index <= last:
+            run = fused_step(self.model, index, last, set())
+            if run is not None:
+                index, step = run
+                x = step(x)
+            else:
+                x = self.model[index](x)
+            index += 1
+        return x

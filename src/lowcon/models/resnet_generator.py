@@ -22,17 +22,14 @@ the named layer's own output. With the defaults the features are identical.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Optional
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.autograd.function import once_differentiable
 from torch.utils.checkpoint import checkpoint
 
 from lowcon.models.blur import Downsample, Upsample
 from lowcon.models.feature_generator import FeatureGenerator
-from lowcon.models.winograd import WinogradConv2d, conv3x3_backward, fast_path_applies, winograd_conv3x3
+from lowcon.models.fused import FusedSpec, ReflectPad, fused_step, fusing, norm_act_conv
 
 NORMS = ("instance", "batch", "none")
 PADDINGS = ("reflect", "replicate", "zero")
@@ -86,85 +83,15 @@ class ResnetBlock(nn.Module):
                     layers.append(nn.Dropout(0.5))
         # Named as in the official code so that its checkpoints load.
         self.conv_block = nn.Sequential(*layers)
-        # The official block (instance norm, reflection padding, no dropout) trains through
-        # _NormReLUPadConv: the same function, with two fewer activations kept for backward.
+        # The official block (instance norm, reflection padding, no dropout) trains its second
+        # half through NormActConv: the same function, with two fewer activations kept for backward.
         self.fused = norm == "instance" and padding == "reflect" and not dropout
 
     def forward(self, x: Tensor) -> Tensor:
-        if self.fused and torch.is_grad_enabled() and not torch.is_autocast_enabled(x.device.type):
+        if self.fused and fusing() and torch.is_grad_enabled() and not torch.is_autocast_enabled(x.device.type):
             pad, conv1, norm1, _, _, conv2, norm2 = self.conv_block
-            h = conv1(pad(x))
-            winograd = isinstance(conv2, WinogradConv2d) and fast_path_applies(h, conv2.weight, 1)
-            return x + norm2(_NormReLUPadConv.apply(h, conv2.weight, conv2.bias, norm1.eps, 1, 1, winograd))
+            return x + norm2(norm_act_conv(conv1(pad(x)), conv2, FusedSpec(norm1.eps, pre=ReflectPad(1))))
         return x + self.conv_block(x)
-
-
-class _NormReLUPadConv(torch.autograd.Function):
-    """``conv2d(reflect_pad1(relu(instance_norm(h))), weight, bias, stride, groups)`` keeping only
-    `h` (and the weight) for backward.
-
-    Autograd would keep the normalised map (for ReLU's backward) and its padded copy (for the
-    convolution's, even when its filter is fixed): two more maps of h's size. Backward recomputes
-    both from `h` (elementwise work and a copy) and then runs the same convolution, ReLU and
-    instance-norm backward formulas. Used for each residual block's second conv, and for the
-    blur-pool of each anti-aliased down step (a fixed depthwise filter with stride 2). With
-    `winograd` (3x3, stride 1, one group) the convolution and its two gradients run as
-    :mod:`lowcon.models.winograd`'s, as the block's :class:`WinogradConv2d` would.
-    """
-
-    @staticmethod
-    def forward(ctx, h: Tensor, weight: Tensor, bias: Optional[Tensor], eps: float, stride: int = 1,
-                groups: int = 1, winograd: bool = False) -> Tensor:  # noqa: D401
-        # The same kernels as the unfused modules, so the forward values are bit for bit theirs.
-        padded = F.pad(F.relu(F.instance_norm(h, eps=eps)), (1, 1, 1, 1), mode="reflect")
-        ctx.save_for_backward(h, weight)
-        ctx.has_bias, ctx.eps, ctx.stride, ctx.groups, ctx.winograd = bias is not None, eps, stride, groups, winograd
-        if winograd:  # (autograd is off inside forward: this records nothing)
-            return winograd_conv3x3(padded, weight, bias)
-        return F.conv2d(padded, weight, bias, stride=stride, groups=groups)
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, grad: Tensor):
-        h, weight = ctx.saved_tensors
-        normed, mean, invstd = _instance_norm_with_stats(h, ctx.eps)
-        padded = F.pad(F.relu(normed), (1, 1, 1, 1), mode="reflect")
-        need_w, need_b = ctx.needs_input_grad[1], ctx.has_bias and ctx.needs_input_grad[2]
-        if ctx.winograd:
-            grad_padded, grad_w, grad_b = conv3x3_backward(grad, padded, weight, True, need_w, need_b)
-        else:
-            grad_padded, grad_w, grad_b = torch.ops.aten.convolution_backward(
-                grad, padded, weight, [weight.shape[0]] if ctx.has_bias else None, [ctx.stride] * 2, [0, 0],
-                [1, 1], False, [0, 0], ctx.groups, [True, need_w, need_b])
-        del padded
-        grad_h = _norm_relu_backward(torch.ops.aten.reflection_pad2d_backward(grad_padded, normed, [1, 1, 1, 1]),
-                                     h, normed, mean, invstd, ctx.eps)
-        return grad_h, grad_w if need_w else None, grad_b if need_b else None, None, None, None, None
-
-
-def _as_batch_norm_input(x: Tensor) -> Tensor:
-    """(B, C, H, W) -> (1, B * C, H, W): instance norm is batch norm over this view."""
-    return x.reshape(1, x.shape[0] * x.shape[1], *x.shape[2:])
-
-
-def _instance_norm_with_stats(h: Tensor, eps: float) -> tuple[Tensor, Tensor, Tensor]:
-    """``F.instance_norm(h)`` (the same kernel, so the same values) with the mean and 1/std that
-    its backward formula needs, from one pass over `h`."""
-    normed, mean, invstd = torch.ops.aten.native_batch_norm(
-        _as_batch_norm_input(h), None, None, None, None, True, 0.0, eps)
-    return normed.view_as(h), mean, invstd
-
-
-def _norm_relu_backward(grad: Tensor, h: Tensor, normed: Tensor, mean: Tensor, invstd: Tensor,
-                        eps: float) -> Tensor:
-    """Gradient to `h` of ``relu(instance_norm(h))`` given the gradient to its output, with the
-    statistics from :func:`_instance_norm_with_stats`: ReLU's and batch norm's own backward
-    kernels, one pass each."""
-    g = torch.ops.aten.threshold_backward(grad, normed, 0)
-    grad_h, _, _ = torch.ops.aten.native_batch_norm_backward(
-        _as_batch_norm_input(g), _as_batch_norm_input(h), None, None, None, mean, invstd, True, eps,
-        [True, False, False])
-    return grad_h.view_as(h)
 
 
 class ResnetGenerator(FeatureGenerator):
@@ -275,10 +202,10 @@ class ResnetGenerator(FeatureGenerator):
         index = 0
         while index <= last:
             layer = self.model[index]
-            if fuse and self._norm_relu_blurpool_at(index, last, wanted):
-                norm, down = layer, self.model[index + 2]
-                x = _NormReLUPadConv.apply(x, down.filt, None, norm.eps, down.stride, down.channels)
-                index += 2  # the three layers ran as one; only the last one's output exists
+            run = fused_step(self.model, index, last, wanted) if fuse else None
+            if run is not None:
+                index, step = run  # the run's layers as one; only the last one's output exists
+                x = step(x)
             elif recompute and isinstance(layer, ResnetBlock):
                 x = checkpoint(layer, x, use_reentrant=False)
             else:
@@ -287,16 +214,6 @@ class ResnetGenerator(FeatureGenerator):
                 found[index] = x
             index += 1
         return x, [found[k] for k in layers]
-
-    def _norm_relu_blurpool_at(self, index: int, last: int, wanted: set[int]) -> bool:
-        """Whether layers index..index+2 are [instance norm, ReLU, reflect blur-pool] whose inner
-        outputs nobody asked for: then they train as one `_NormReLUPadConv`."""
-        if index + 2 > last or index in wanted or index + 1 in wanted:
-            return False
-        norm, act, down = self.model[index:index + 3]
-        return (isinstance(norm, nn.InstanceNorm2d) and not norm.affine and not norm.track_running_stats
-                and isinstance(act, nn.ReLU) and isinstance(down, Downsample) and down.padding == "reflect"
-                and down.pad_sizes == (1, 1, 1, 1))
 
     def _check_input(self, x: Tensor) -> None:
         if x.ndim != 4 or x.shape[1] != self.in_channels:

@@ -44,8 +44,14 @@ _FILTER = _kron(_G, _G)  # (36, 9)
 _FILTER_FLIPPED = _FILTER.flip(1)  # the same for a filter rotated by 180 degrees
 _OUTPUT = _kron(_AT, _AT)  # (16, 36)
 # Large maps are transformed in bands of tile rows, so that the scratch buffers stay this small
-# (1600x1200 inference would otherwise need about 1 GB of them); bands this size cost no speed.
-_BAND_BYTES = 16 * 2 ** 20
+# (1600x1200 inference would otherwise need about 1 GB of them). Bands of 4 MB cost no speed against
+# 16 MB and lowered the peak of an AECR-Net + CR step by about 0.06 GB (benchmarks/README.md).
+_BAND_BYTES = 4 * 2 ** 20
+# Scratch larger than this (VGG-19's 512-channel transformed filters, a whole padded gradient map
+# at 120x120) gets a memory map of its own for the one call instead of a kept buffer. Not lower:
+# the page faults of mapping a 256-channel filter (9.4 MB) afresh at each call made a FastCUT step
+# about 15 % slower.
+_KEPT_BYTES = 16 * 2 ** 20
 _MIN_TILES = 64
 # Layers with fewer input or output channels stay direct: at 64 channels the transforms cost more
 # than the products save (benchmarks/README.md).
@@ -58,8 +64,10 @@ class _Workspace(threading.local):
     The transforms need several maps of 2-2.5x a layer's activation size at a time. Allocated
     afresh at every call they left holes in glibc's heap that raised a FastCUT step's peak RSS by
     0.2-0.3 GB (its live peak did not change). So each role has one buffer, in its own memory map
-    outside the heap, reused by every call: at most about 20 MB each (bands of ``_BAND_BYTES``),
-    about 60 MB in all for CUT at 256x256. Release them with :func:`release_workspace`.
+    outside the heap, reused by every call: at most ``_KEPT_BYTES`` each (the tiles come in bands
+    of ``_BAND_BYTES``). Larger scratch gets a map of its own for one call, unmapped when it is
+    dropped: kept buffers are resident at the step's peak, and with 16 MB bands and every size
+    kept they were 170 MB of an AECR-Net + CR step. Release them with :func:`release_workspace`.
     """
 
     def __init__(self):
@@ -71,6 +79,8 @@ class _Workspace(threading.local):
         if view is not None:
             return view
         size = math.prod(shape)
+        if size * 4 > _KEPT_BYTES:
+            return _mapped_empty(size).view(shape)
         buffer = self.buffers.get(role)
         if buffer is None or buffer.numel() < size:
             self.buffers.pop(role, None)
@@ -221,15 +231,17 @@ class _WinogradConv3x3(torch.autograd.Function):
         return conv3x3_backward(grad, xp, weight, need_x, need_w, ctx.has_bias and need_b)
 
 
-def fast_path_applies(x: Tensor, weight: Tensor, padding: int = 0) -> bool:
+def fast_path_applies(x: Tensor, weight: Tensor, padding: int = 0, size: tuple[int, int] | None = None) -> bool:
     """Whether :func:`winograd_conv3x3` should serve ``conv2d(x, weight, padding=padding)``:
     float32 on the CPU, outside autocast, a 3x3 filter of one group, and at least _MIN_TILES
-    output tiles (fewer make matrix products too small to gain; measured in benchmarks/README.md)."""
+    output tiles (fewer make matrix products too small to gain; measured in benchmarks/README.md).
+    `size` is the (H, W) the convolution will read when it is not `x`'s own (x is resampled first)."""
     if not (x.device.type == "cpu" and x.dtype == torch.float32 and weight.dtype == torch.float32
             and x.ndim == 4 and weight.ndim == 4 and weight.shape[-2:] == (3, 3) and weight.shape[1] == x.shape[1]
             and not torch.is_autocast_enabled("cpu")):
         return False
-    th, tw = _tile_counts(x.shape[-2] + 2 * padding - 2, x.shape[-1] + 2 * padding - 2)
+    height, width = size if size is not None else x.shape[-2:]
+    th, tw = _tile_counts(height + 2 * padding - 2, width + 2 * padding - 2)
     return th > 0 and tw > 0 and x.shape[0] * th * tw >= _MIN_TILES
 
 

@@ -1,0 +1,262 @@
+"""[instance norm], ReLU or LeakyReLU, a fixed resampling or padding, then a convolution, trained as
+one autograd Function that keeps only its input for backward.
+
+Autograd keeps, for such a run of layers, the norm's input, the activation's output, the padded or
+upsampled copy that the convolution reads, and the norm's statistics: up to four maps where one
+will do. :class:`NormActConv` keeps the first (and the convolution's weight) and recomputes the rest
+in backward, which is elementwise work and a resampling; the convolution is not run again. Forward
+values are those of the plain layers bit for bit (the same kernels on the same inputs) and the
+gradients are the same formulas (tests compare with the plain layers and with gradcheck).
+
+:func:`fused_step` finds such runs in an ``nn.Sequential`` of the CUT / CycleGAN networks: the
+residual blocks' second half, the first down-convolution, the down steps' blur-pools, the second
+up step's upsampling and convolution, the last 7x7 convolution, and the discriminator's layers.
+Where autograd must differentiate twice (SinCUT's R1 penalty), :func:`unfused` turns this off.
+"""
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, replace
+from functools import partial
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.autograd.function import once_differentiable
+
+from lowcon.models.blur import _PAD_MODES, Downsample, Upsample
+from lowcon.models.winograd import WinogradConv2d, conv3x3_backward, fast_path_applies, winograd_conv3x3
+
+
+@dataclass(frozen=True)
+class FusedSpec:
+    """What :class:`NormActConv` computes after its input `h`.
+
+    Attributes:
+        eps: instance norm's epsilon; ``None`` for no norm.
+        slope: the activation's negative slope: 0 for ReLU, e.g. 0.2 for LeakyReLU.
+        pre: a fixed function between the activation and the convolution (padding, upsampling),
+            with no parameters; ``None`` for none.
+        stride, padding, groups: the convolution's (zero padding).
+        winograd: run the 3x3 convolution as :func:`lowcon.models.winograd.winograd_conv3x3`.
+    """
+
+    eps: Optional[float]
+    slope: float = 0.0
+    pre: Optional[Callable[[Tensor], Tensor]] = None
+    stride: int = 1
+    padding: int = 0
+    groups: int = 1
+    winograd: bool = False
+
+
+def _act(x: Tensor, slope: float) -> Tensor:
+    return F.relu(x) if slope == 0 else F.leaky_relu(x, slope)
+
+
+class NormActConv(torch.autograd.Function):
+    """``conv2d(pre(act(instance_norm(h))), weight, bias)`` as set by a :class:`FusedSpec`,
+    keeping only `h` and `weight` for backward.
+
+    Example:
+        >>> h, w = torch.randn(1, 4, 8, 8), torch.randn(6, 4, 3, 3)
+        >>> y = NormActConv.apply(h, w, None, FusedSpec(eps=1e-5, padding=1))
+        >>> torch.equal(y, F.conv2d(F.relu(F.instance_norm(h)), w, padding=1))
+        True
+    """
+
+    @staticmethod
+    def forward(ctx, h: Tensor, weight: Tensor, bias: Optional[Tensor], spec: FusedSpec) -> Tensor:  # noqa: D401
+        # The same kernels as the plain modules, so the forward values are bit for bit theirs.
+        x = _act(F.instance_norm(h, eps=spec.eps) if spec.eps is not None else h, spec.slope)
+        if spec.pre is not None:
+            x = spec.pre(x)
+        ctx.save_for_backward(h, weight)
+        ctx.spec, ctx.has_bias = spec, bias is not None
+        if spec.winograd:  # (autograd is off inside forward: this records nothing)
+            if spec.padding:
+                x = F.pad(x, (spec.padding,) * 4)
+            return winograd_conv3x3(x, weight, bias)
+        return F.conv2d(x, weight, bias, stride=spec.stride, padding=spec.padding, groups=spec.groups)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad: Tensor):
+        h, weight = ctx.saved_tensors
+        spec: FusedSpec = ctx.spec
+        if spec.eps is not None:
+            normed, mean, invstd = _instance_norm_with_stats(h, spec.eps)
+            act = normed.relu_() if spec.slope == 0 else F.leaky_relu_(normed, spec.slope)
+        else:
+            act = _act(h, spec.slope)
+        if spec.pre is not None:
+            with torch.enable_grad():
+                act_in = act.detach().requires_grad_()
+                x = spec.pre(act_in)
+        else:
+            x = act
+        need_w, need_b = ctx.needs_input_grad[1], ctx.has_bias and ctx.needs_input_grad[2]
+        if spec.winograd:
+            p = spec.padding
+            xp = F.pad(x.detach(), (p,) * 4) if p else x.detach()
+            grad_x, grad_w, grad_b = conv3x3_backward(grad, xp, weight, True, need_w, need_b)
+            del xp
+            if p:
+                grad_x = grad_x[..., p:-p, p:-p]
+        else:
+            grad_x, grad_w, grad_b = torch.ops.aten.convolution_backward(
+                grad, x.detach(), weight, [weight.shape[0]] if ctx.has_bias else None, [spec.stride] * 2,
+                [spec.padding] * 2, [1, 1], False, [0, 0], spec.groups, [True, need_w, need_b])
+        if spec.pre is not None:
+            (grad_x,) = torch.autograd.grad(x, act_in, grad_x)
+            del act_in
+        del x
+        # The activation's output has the sign of its input, so its backward can read either.
+        if spec.slope == 0:
+            grad_x = torch.ops.aten.threshold_backward(grad_x, act, 0)
+        else:
+            grad_x = torch.ops.aten.leaky_relu_backward(grad_x, act, spec.slope, True)
+        del act
+        if spec.eps is not None:
+            grad_x, _, _ = torch.ops.aten.native_batch_norm_backward(
+                _as_batch_norm_input(grad_x), _as_batch_norm_input(h), None, None, None, mean, invstd, True,
+                spec.eps, [True, False, False])
+            grad_x = grad_x.view_as(h)
+        return grad_x, grad_w if need_w else None, grad_b if need_b else None, None
+
+
+def _as_batch_norm_input(x: Tensor) -> Tensor:
+    """(B, C, H, W) -> (1, B * C, H, W): instance norm is batch norm over this view."""
+    return x.reshape(1, x.shape[0] * x.shape[1], *x.shape[2:])
+
+
+def _instance_norm_with_stats(h: Tensor, eps: float) -> tuple[Tensor, Tensor, Tensor]:
+    """``F.instance_norm(h)`` (the same kernel, so the same values) with the mean and 1/std that
+    its backward formula needs, from one pass over `h`."""
+    normed, mean, invstd = torch.ops.aten.native_batch_norm(
+        _as_batch_norm_input(h), None, None, None, None, True, 0.0, eps)
+    return normed.view_as(h), mean, invstd
+
+
+class ReflectPad:
+    """``F.pad(x, (size,) * 4, mode="reflect")`` that knows the size it returns."""
+
+    def __init__(self, size: int):
+        self.size = size
+
+    def __call__(self, x: Tensor) -> Tensor:
+        return F.pad(x, (self.size,) * 4, mode="reflect")
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, ReflectPad) and other.size == self.size
+
+    def __hash__(self) -> int:
+        return hash(("ReflectPad", self.size))
+
+    def out_size(self, height: int, width: int) -> tuple[int, int]:
+        return height + 2 * self.size, width + 2 * self.size
+
+
+def norm_act_conv(h: Tensor, conv: nn.Conv2d, spec: FusedSpec) -> Tensor:
+    """`conv` applied through :class:`NormActConv` with `spec`; as Winograd when `conv` is a
+    :class:`WinogradConv2d` and its fast path applies to the map the convolution reads."""
+    if isinstance(conv, WinogradConv2d) and spec.stride == 1 and spec.groups == 1:
+        height, width = h.shape[-2:]
+        if isinstance(spec.pre, ReflectPad):
+            height, width = spec.pre.out_size(height, width)
+        elif isinstance(spec.pre, Upsample):
+            height, width = 2 * height, 2 * width
+        if fast_path_applies(h, conv.weight, spec.padding, size=(height, width)):
+            spec = replace(spec, winograd=True)
+    return NormActConv.apply(h, conv.weight, conv.bias, spec)
+
+
+_state = threading.local()
+
+
+@contextmanager
+def unfused() -> Iterator[None]:
+    """Inside this block the networks run their plain layers, not :class:`NormActConv`, so that
+    their graph can be differentiated twice (e.g. an R1 penalty, the gradient of a gradient).
+
+    Example:
+        >>> from lowcon.models.patch_discriminator import PatchDiscriminator
+        >>> x = torch.randn(1, 3, 32, 32, requires_grad=True)
+        >>> with unfused():
+        ...     (g,) = torch.autograd.grad(PatchDiscriminator(ndf=4)(x).sum(), x, create_graph=True)
+        >>> g.requires_grad
+        True
+    """
+    previous = fusing()
+    _state.off = True
+    try:
+        yield
+    finally:
+        _state.off = not previous
+
+
+def fusing() -> bool:
+    """False inside :func:`unfused` (in this thread)."""
+    return not getattr(_state, "off", False)
+
+
+def _is_instance_norm(layer: nn.Module) -> bool:
+    return isinstance(layer, nn.InstanceNorm2d) and not layer.affine and not layer.track_running_stats
+
+
+def _activation_slope(layer: nn.Module) -> Optional[float]:
+    if isinstance(layer, nn.ReLU):
+        return 0.0
+    if isinstance(layer, nn.LeakyReLU) and layer.negative_slope > 0:
+        return float(layer.negative_slope)
+    return None
+
+
+def _plain_conv(layer: nn.Module) -> bool:
+    return (isinstance(layer, nn.Conv2d) and layer.padding_mode == "zeros" and not isinstance(layer.padding, str)
+            and layer.padding[0] == layer.padding[1] and layer.stride[0] == layer.stride[1]
+            and layer.dilation == (1, 1))
+
+
+def fused_step(layers: Sequence[nn.Module], index: int, last: int,
+               wanted: set[int]) -> Optional[tuple[int, Callable[[Tensor], Tensor]]]:
+    """Whether `layers[index:]` starts a run that trains as one :class:`NormActConv`.
+
+    The run is [instance norm (optional)], ReLU or LeakyReLU, then one of: a reflect-padded
+    blur-pool (:class:`Downsample`); a zero-padded ``Conv2d``; an :class:`Upsample` and a
+    ``Conv2d``; a ``ReflectionPad2d`` and a ``Conv2d``. It must end at or before `last`, and no
+    layer of it but the last may be in `wanted` (their outputs never exist). Never inside
+    :func:`unfused`.
+
+    Returns:
+        ``(index of the run's last layer, function of the run's input)``, or ``None``.
+    """
+    if not fusing():
+        return None
+    i, eps = index, None
+    if _is_instance_norm(layers[i]):
+        eps, i = layers[i].eps, i + 1
+    if i > last or _activation_slope(layers[i]) is None:
+        return None
+    slope, i = _activation_slope(layers[i]), i + 1
+    if i > last:
+        return None
+    layer, pre = layers[i], None
+    if isinstance(layer, Downsample):
+        if layer.padding not in _PAD_MODES or any(k in wanted for k in range(index, i)):
+            return None
+        pad = partial(F.pad, pad=layer.pad_sizes, mode=_PAD_MODES[layer.padding])
+        spec = FusedSpec(eps, slope, pad, layer.stride, 0, layer.channels)
+        return i, lambda h: NormActConv.apply(h, layer.filt, None, spec)
+    if isinstance(layer, Upsample):
+        pre, i = layer, i + 1
+    elif isinstance(layer, nn.ReflectionPad2d) and len(set(layer.padding)) == 1:
+        pre, i = ReflectPad(layer.padding[0]), i + 1
+    if i > last or not _plain_conv(layers[i]) or any(k in wanted for k in range(index, i)):
+        return None
+    conv = layers[i]
+    spec = FusedSpec(eps, slope, pre, conv.stride[0], conv.padding[0], conv.groups)
+    return i, lambda h: norm_act_conv(h, conv, spec)

@@ -1,0 +1,196 @@
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lowcon.models import patch_discriminator
+from lowcon.models.blur import Downsample, Upsample
+from lowcon.models.fused import FusedSpec, NormActConv, ReflectPad, fused_step, norm_act_conv, unfused
+from lowcon.models.patch_discriminator import PatchDiscriminator
+from lowcon.models.winograd import WinogradConv2d
+
+
+def _plain(h, weight, bias, spec: FusedSpec):
+    """The same function from plain ops, differentiated by autograd: the independent formulation."""
+    x = F.instance_norm(h, eps=spec.eps) if spec.eps is not None else h
+    x = F.relu(x) if spec.slope == 0 else F.leaky_relu(x, spec.slope)
+    if spec.pre is not None:
+        x = spec.pre(x)
+    return F.conv2d(x, weight, bias, stride=spec.stride, padding=spec.padding, groups=spec.groups)
+
+
+_DOWN = Downsample(3).double()
+
+SPECS = {
+    # The residual block's second half.
+    "norm relu reflect-pad conv": (FusedSpec(1e-5, pre=ReflectPad(1)), (4, 3, 3, 3), True),
+    # A down step's blur-pool (fixed filter, stride 2, one group per channel).
+    "norm relu blur-pool": (FusedSpec(1e-5, pre=lambda x: F.pad(x, (1, 1, 1, 1), mode="reflect"), stride=2,
+                                      groups=3), None, False),
+    # The discriminator's first layer: no norm, LeakyReLU, blur-pool.
+    "leaky blur-pool": (FusedSpec(None, 0.2, lambda x: F.pad(x, (1, 1, 1, 1), mode="reflect"), stride=2,
+                                  groups=3), None, False),
+    # An up step: upsample, then a zero-padded conv.
+    "norm relu upsample conv": (FusedSpec(1e-5, pre=Upsample(3).double(), padding=1), (2, 3, 3, 3), True),
+    # The last layer: reflection pad 3 and a 7x7 conv.
+    "norm relu reflect-pad-3 conv7": (FusedSpec(1e-5, pre=ReflectPad(3)), (2, 3, 7, 7), True),
+    # The discriminator's strided variant: norm, LeakyReLU, a 4x4 conv with stride 2 and padding 1.
+    "norm leaky strided conv": (FusedSpec(1e-5, 0.2, stride=2, padding=1), (5, 3, 4, 4), False),
+}
+
+
+def _inputs(weight_shape, with_bias, seed):
+    g = torch.Generator().manual_seed(seed)
+    h = torch.randn(2, 3, 6, 7, dtype=torch.float64, generator=g, requires_grad=True)
+    if weight_shape is None:
+        return h, _DOWN.filt, None
+    w = torch.randn(*weight_shape, dtype=torch.float64, generator=g, requires_grad=True)
+    b = torch.randn(weight_shape[0], dtype=torch.float64, generator=g, requires_grad=True) if with_bias else None
+    return h, w, b
+
+
+@pytest.mark.parametrize("name", sorted(SPECS))
+def test_values_and_gradients_are_those_of_the_plain_ops(name):
+    spec, weight_shape, with_bias = SPECS[name]
+    h, w, b = _inputs(weight_shape, with_bias, seed=len(name))
+    out = NormActConv.apply(h, w, b, spec)
+    expected = _plain(h, w, b, spec)
+    assert out.shape == expected.shape
+    torch.testing.assert_close(out, expected, rtol=0, atol=1e-12)
+    grad = torch.randn_like(out)
+    wrt = [t for t in (h, w, b) if t is not None and t.requires_grad]
+    for a, e in zip(torch.autograd.grad(out, wrt, grad), torch.autograd.grad(expected, wrt, grad)):
+        torch.testing.assert_close(a, e, rtol=0, atol=1e-11)
+
+
+@pytest.mark.parametrize("name", sorted(SPECS))
+def test_passes_gradcheck(name):
+    spec, weight_shape, with_bias = SPECS[name]
+    h, w, b = _inputs(weight_shape, with_bias, seed=7)
+    if weight_shape is None:
+        assert torch.autograd.gradcheck(lambda h: NormActConv.apply(h, w, None, spec), (h,))
+    else:
+        assert torch.autograd.gradcheck(lambda *t: NormActConv.apply(*t, spec), (h, w, b) if with_bias else (h, w, None))
+
+
+def test_a_hand_worked_case():
+    # One channel [[-1, 1], [3, -3]]: mean 0, variance 5, so instance norm gives x / sqrt(5 + eps);
+    # ReLU keeps the two positives; a 1x1 conv of weight 2 and bias 1 doubles them and adds 1.
+    h = torch.tensor([[[[-1.0, 1.0], [3.0, -3.0]]]], dtype=torch.float64)
+    w, b = torch.full((1, 1, 1, 1), 2.0, dtype=torch.float64), torch.ones(1, dtype=torch.float64)
+    out = NormActConv.apply(h, w, b, FusedSpec(eps=0.0))
+    s = 5 ** 0.5
+    torch.testing.assert_close(out, torch.tensor([[[[1.0, 1 + 2 / s], [1 + 6 / s, 1.0]]]], dtype=torch.float64))
+
+
+def test_the_winograd_path_matches_the_plain_convolution():
+    torch.manual_seed(0)
+    conv = nn.Conv2d(8, 8, 3, padding=1)
+    conv.__class__ = WinogradConv2d
+    for pre, size in ((None, 32), (Upsample(8), 16), (ReflectPad(1), 32)):
+        spec = FusedSpec(1e-5, pre=pre, padding=0 if isinstance(pre, ReflectPad) else 1)
+        h = torch.randn(1, 8, size, size, requires_grad=True)
+        out = norm_act_conv(h, conv, spec)
+        grads = torch.autograd.grad(out.square().sum(), [h, conv.weight, conv.bias])
+        h64 = h.detach().double().requires_grad_()
+        w64, b64 = (p.detach().double().requires_grad_() for p in (conv.weight, conv.bias))
+        pre64 = Upsample(8).double() if isinstance(pre, Upsample) else pre
+        ref = _plain(h64, w64, b64, FusedSpec(1e-5, pre=pre64, padding=spec.padding))
+        ref_grads = torch.autograd.grad(ref.square().sum(), [h64, w64, b64])
+        torch.testing.assert_close(out.double(), ref, rtol=1e-4, atol=1e-4)
+        for a, e in zip(grads, ref_grads):
+            torch.testing.assert_close(a.double(), e, rtol=1e-3, atol=1e-3 * e.abs().max().item())
+
+
+def test_the_winograd_path_is_taken_only_where_it_applies(monkeypatch):
+    seen = []
+    monkeypatch.setattr(NormActConv, "apply", lambda h, w, b, spec: seen.append(spec.winograd))
+    conv = nn.Conv2d(8, 8, 3, padding=1)
+    conv.__class__ = WinogradConv2d
+    norm_act_conv(torch.randn(1, 8, 32, 32), conv, FusedSpec(1e-5, padding=1))  # 8 x 8 = 64 tiles
+    norm_act_conv(torch.randn(1, 8, 16, 16), conv, FusedSpec(1e-5, pre=Upsample(8), padding=1))  # upsampled to 32
+    norm_act_conv(torch.randn(1, 8, 16, 16), conv, FusedSpec(1e-5, padding=1))  # 16 tiles: too few
+    norm_act_conv(torch.randn(1, 8, 32, 32), nn.Conv2d(8, 8, 3, padding=1), FusedSpec(1e-5, padding=1))
+    assert seen == [True, True, False, False]
+
+
+def test_fused_step_finds_the_runs_and_leaves_requested_outputs_alone():
+    layers = nn.Sequential(
+        nn.Conv2d(3, 4, 3),                           # 0
+        nn.InstanceNorm2d(4), nn.ReLU(), Downsample(4),  # 1-3: norm, ReLU, blur-pool
+        nn.InstanceNorm2d(4), nn.ReLU(), Upsample(4), nn.Conv2d(4, 4, 3, padding=1),  # 4-7
+        nn.LeakyReLU(0.2), nn.ReflectionPad2d(3), nn.Conv2d(4, 3, 7),  # 8-10: no norm
+        nn.ReLU(), nn.Conv2d(3, 3, 3, padding_mode="reflect", padding=1),  # 11-12: not a zero-padded conv
+        nn.BatchNorm2d(3), nn.ReLU(), nn.Tanh())      # 13-15: batch norm is not fused, nor a ReLU before Tanh
+    runs = {i: fused_step(layers, i, len(layers) - 1, set()) for i in range(len(layers))}
+    assert {i: r[0] for i, r in runs.items() if r is not None} == {1: 3, 2: 3, 4: 7, 5: 7, 8: 10}
+    assert fused_step(layers, 4, 6, set()) is None  # the run would end after `last`
+    assert fused_step(layers, 4, 7, {6}) is None  # the upsampled map was asked for
+    assert fused_step(layers, 4, 7, {7})[0] == 7  # the run's own output may be asked for
+    assert fused_step(layers, 1, 3, {2}) is None
+    x = torch.randn(1, 4, 9, 9)
+    end, step = runs[4]
+    with torch.no_grad():
+        torch.testing.assert_close(step(x), layers[4:8](x), rtol=0, atol=0)
+
+
+def test_the_discriminator_trains_fused_with_the_values_and_gradients_of_its_plain_layers():
+    torch.manual_seed(0)
+    net = PatchDiscriminator(ndf=4).double()
+    x = torch.randn(2, 3, 32, 36, dtype=torch.float64, requires_grad=True)
+    params = list(net.parameters())
+    out = net(x)
+    grad = torch.randn_like(out)
+    fused = torch.autograd.grad(out, [x, *params], grad)
+    plain_out = net.model(x)
+    plain = torch.autograd.grad(plain_out, [x, *params], grad)
+    torch.testing.assert_close(out, plain_out, rtol=0, atol=1e-12)
+    for a, b in zip(fused, plain):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-11)
+    with torch.no_grad():
+        torch.testing.assert_close(net(x), plain_out, rtol=0, atol=0)
+
+
+def test_the_discriminator_keeps_only_each_runs_input(monkeypatch, saved_bytes):
+    b, ndf, size = 2, 4, 32
+    net = PatchDiscriminator(ndf=ndf)
+    x = torch.randn(b, 3, size, size)
+    fused = saved_bytes(net, x)
+    monkeypatch.setattr(patch_discriminator, "fused_step", lambda *args: None)
+    plain = saved_bytes(net, x)
+    # 4x4 convs with padding 1 take n to n - 1; blur-pools (reflect pad 1, stride 2) take m to m // 2 + 1.
+    n0 = size - 1                      # first conv: 31
+    first = ndf * (n0 * n0 + (n0 + 2) ** 2)  # LeakyReLU output (the pad keeps it) and the padded copy
+    n1 = (n0 // 2 + 1) - 1                # after blur-pool (16) and the second conv: 15
+    # [norm, LeakyReLU, blur-pool]: the norm output (LeakyReLU keeps its input), the LeakyReLU
+    # output, the padded copy, and the norm's mean and 1/std.
+    second = 2 * ndf * (2 * n1 * n1 + (n1 + 2) ** 2 + 2)
+    n2 = (n1 // 2 + 1) - 1                # 7
+    third = 4 * ndf * (2 * n2 * n2 + (n2 + 2) ** 2 + 2)
+    n3 = (n2 // 2 + 1) - 1                # 3
+    last = 8 * ndf * (2 * n3 * n3 + 2)     # [norm, LeakyReLU, conv]: no padded copy
+    assert plain - fused == 4 * b * (first + second + third + last)
+
+
+def test_unfused_gives_a_graph_that_can_be_differentiated_twice():
+    torch.manual_seed(0)
+    net = PatchDiscriminator(ndf=4).double()
+    x = torch.randn(1, 3, 32, 32, dtype=torch.float64, requires_grad=True)
+    with pytest.raises(RuntimeError, match="once_differentiable"):
+        (g,) = torch.autograd.grad(net(x).sum(), x, create_graph=True)
+        g.square().sum().backward()
+    with unfused():
+        (g,) = torch.autograd.grad(net(x).sum(), x, create_graph=True)
+    (second,) = torch.autograd.grad(g.square().sum(), x)
+    # The gradient of the R1 penalty against central differences of the first gradient's norm.
+    eps, direction = 1e-6, torch.randn_like(x)
+
+    def penalty(t):
+        with unfused():
+            (gt,) = torch.autograd.grad(net(t).sum(), t, create_graph=False)
+        return gt.square().sum()
+
+    plus = penalty((x + eps * direction).detach().requires_grad_())
+    minus = penalty((x - eps * direction).detach().requires_grad_())
+    torch.testing.assert_close((plus - minus) / (2 * eps), (second * direction).sum(), rtol=1e-5, atol=1e-8)
+    assert fused_step(net.model, 1, len(net.model) - 1, set()) is not None  # back on after the block
