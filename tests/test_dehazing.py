@@ -80,6 +80,31 @@ def test_train_resume_eval_dehaze_end_to_end(embedded, tmp_path):
     assert (tmp_path / "report" / "loss_curves.png").stat().st_size > 0
 
 
+def test_training_on_validation_images_of_any_size(embedded, tmp_path):
+    # SOTS-outdoor images are 413 x 550: not multiples of AECR-Net's 4. Validation and the sample
+    # grids must pad them, as lowcon dehaze does.
+    val = tmp_path / "val"
+    g = torch.Generator().manual_seed(0)
+    for folder, name in (("hazy", "7_1.png"), ("clear", "7.png")):
+        (val / folder).mkdir(parents=True)
+        pixels = (torch.rand(30, 42, 3, generator=g) * 255).to(torch.uint8).numpy()
+        Image.fromarray(pixels).save(val / folder / name)
+    run = tmp_path / "run"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        train_dehaze(tiny_cfg(embedded, run, val_data=str(val), steps=2), progress=False)
+        method = build_dehaze_method(tiny_cfg(embedded, run))
+    rows = list(csv.DictReader(open(run / "log.csv")))
+    assert any(r.get("val_psnr") for r in rows) and list((run / "samples").glob("*.png"))
+    hazy = torch.rand(1, 3, 30, 42, generator=g)
+    visuals = method.visuals({"hazy": hazy, "clear": hazy})
+    assert visuals["dehazed"].shape == (1, 3, 30, 42)
+    with torch.no_grad():
+        method.net.eval()
+        padded = torch.nn.functional.pad(hazy, (0, 2, 0, 2), mode="reflect")
+        torch.testing.assert_close(visuals["dehazed"], method.net(padded)[..., :30, :42].clamp(0, 1))
+
+
 def test_dehaze_any_size_corrupt_and_dcp(embedded, tmp_path):
     src = tmp_path / "in"
     src.mkdir()

@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..contrast import ContrastiveRegularization, CRSampler
+from ..inference import run_padded
 from .base import Method
 
 __all__ = ["AECRTraining", "cosine_schedule"]
@@ -107,6 +108,7 @@ class AECRTraining(Method):
         was_training = self.net.training
         self.net.eval()
         hazy = self._prepare(batch["hazy"][:4])
-        out = self.net(hazy).float().clamp(0, 1)
+        # Sample images are whole validation images, of any size: padded to the network's multiple.
+        out = run_padded(self.net, hazy, getattr(self.net, "size_multiple", 1)).float().clamp(0, 1)
         self.net.train(was_training)
         return {"hazy": hazy.cpu(), "dehazed": out.cpu(), "clear": batch["clear"][:4]}
