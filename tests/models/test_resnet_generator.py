@@ -245,12 +245,10 @@ def test_fused_runs_keep_only_their_inputs(monkeypatch, saved_bytes):
     # Each down step [norm, ReLU, blur-pool]: also the padded copy the blur reads.
     down1 = b * 2 * ngf * (h * w + (h + 2) * (w + 2) + 2)
     down2 = b * 4 * ngf * ((h // 2) * (w // 2) + (h // 2 + 2) * (w // 2 + 2) + 2)
-    # The second up step [norm, ReLU, Upsample, conv]: the ReLU output and statistics, the
-    # replicate-padded copy the transposed blur reads, its output (h + 2 by w + 2 before the
-    # crop, whose view the conv keeps), and the blur's 4x4 filter, which the fused run takes from
-    # the layer in backward. The first up step follows a residual block: no ReLU, not fused.
+    # The second up step [norm, ReLU, Upsample, conv]: the ReLU output and statistics, and the
+    # upsampled map the conv reads. The first up step follows a residual block: no ReLU, not fused.
     c, h2, w2 = 2 * ngf, h // 2, w // 2
-    up2 = b * c * (h2 * w2 + 2 + (h2 + 2) * (w2 + 2) + (h + 2) * (w + 2)) + c * 16
+    up2 = b * c * (h2 * w2 + 2 + h * w)
     # The last [norm, ReLU, reflection pad 3, conv 7x7]: the ReLU output, statistics, padded copy.
     last = b * ngf * (h * w + 2 + (h + 6) * (w + 6))
     assert plain - fused == 4 * (first + down1 + down2 + up2 + last)

@@ -120,7 +120,8 @@ class Upsample(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         if x.ndim != 4 or x.shape[1] != self.channels:
             raise ValueError(f"x must have shape (B, {self.channels}, H, W), got {tuple(x.shape)}")
-        x = F.pad(x, (1, 1, 1, 1), mode="replicate")
-        y = F.conv_transpose2d(x, self.filt, stride=2, padding=2, groups=self.channels)
-        # The one-pixel replicate border yields one extra output row/column on each side.
-        return y[:, :, 1:-1, 1:-1]
+        # The official layer pads by replication and runs a depthwise transposed conv with `filt`;
+        # that is bilinear interpolation (tests: to 1e-12 in float64, against the [1, 3, 3, 1]
+        # formula too), whose kernel and backward take half the time on a CPU. `filt` stays a
+        # buffer so that official checkpoints load.
+        return F.interpolate(x, scale_factor=2, mode="bilinear", align_corners=False)

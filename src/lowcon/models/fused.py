@@ -246,7 +246,7 @@ def fused_step(layers: Sequence[nn.Module], index: int, last: int,
         return None
     layer, pre = layers[i], None
     if isinstance(layer, Downsample):
-        if layer.padding not in _PAD_MODES or any(k in wanted for k in range(index, i)):
+        if any(k in wanted for k in range(index, i)):
             return None
         pad = partial(F.pad, pad=layer.pad_sizes, mode=_PAD_MODES[layer.padding])
         spec = FusedSpec(eps, slope, pad, layer.stride, 0, layer.channels)
