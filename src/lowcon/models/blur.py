@@ -91,7 +91,7 @@ class Upsample(nn.Module):
     This is the official CUT layer: a depthwise transposed conv with the outer product of
     ``[1, 3, 3, 1] / 4``. Output pixel ``2i`` is ``(x[i-1] + 3 x[i]) / 4`` and ``2i + 1`` is
     ``(3 x[i] + x[i+1]) / 4`` along each axis with edge pixels repeated, which is exactly
-    bilinear x2 interpolation with ``align_corners=False``.
+    bilinear x2 interpolation with ``align_corners=False``: that is how it is computed here.
 
     Args:
         channels: number of input (= output) channels.
