@@ -59,8 +59,8 @@ def test_every_dehaze_preset_loads_and_validates():
     assert cfgs["aecrnet_t2_cr_noneg"].cr_negatives is False
     assert cfgs["aecrnet_t4_1tor"].num_negatives == 10 and cfgs["aecrnet_t4_rtor"].num_positives == 10
     low = cfgs["aecrnet_low_memory"]
-    assert low.activation_checkpointing and low.heap_mmap_threshold_mb == 8
-    assert dataclasses.replace(low, activation_checkpointing=False, heap_mmap_threshold_mb=0,
+    assert low.activation_checkpointing and low.heap_mmap_threshold_mb == 8 and low.winograd_band_mb == 4
+    assert dataclasses.replace(low, activation_checkpointing=False, heap_mmap_threshold_mb=0, winograd_band_mb=16,
                                run_dir=cfgs["aecrnet"].run_dir) == cfgs["aecrnet"]
 
 

@@ -22,7 +22,7 @@ from .inference import auto_device, run_padded, run_tiled
 from .methods.aecr import AECRTraining
 from .metrics.protocols import DEFAULT_PROTOCOL, get_protocol
 from .models.aecrnet import AECRNET_VARIANTS, AECRNet, build_aecrnet
-from .models.winograd import use_winograd
+from .models.winograd import set_band_size, use_winograd
 from .report import markdown_table, write_text_atomic
 from .training import Trainer, load_checkpoint, save_checkpoint
 from .training.memory import check_allocator_settings, configure_allocator
@@ -66,6 +66,9 @@ class DehazeConfig:
     # CPU time: keep freed memory in the process instead of faulting it in again next step
     # (glibc). Off here: AECR-Net's step takes few faults, and its peak rose with it.
     retain_freed_memory: bool = False
+    # CPU memory: Winograd's scratch holds bands of at most this many MB of transformed tiles;
+    # 4 lowers the peak by about 0.06 GB and costs 5-10 % of time (benchmarks/README.md)
+    winograd_band_mb: float = 16
     # CPU memory: glibc's per-thread cache of freed small blocks keeps the heap's holes from merging;
     # false turns it off (lowcon train restarts itself with GLIBC_TUNABLES)
     malloc_tcache: bool = False
@@ -113,6 +116,8 @@ class DehazeConfig:
         if self.crop % 4:
             raise ValueError(f"crop: must be a multiple of 4 (the network downsamples 4x), got {self.crop}")
         check_allocator_settings(self.heap_mmap_threshold_mb, self.retain_freed_memory)
+        if not self.winograd_band_mb > 0:
+            raise ValueError(f"winograd_band_mb: must be > 0, got {self.winograd_band_mb}")
         needed = max(self.num_positives, self.num_negatives)
         if needed > self.batch_size:
             raise ValueError(f"num_negatives/num_positives: {needed} samples per anchor need batch_size >= {needed}")
@@ -181,6 +186,7 @@ def train_dehaze(cfg: DehazeConfig, resume: bool = False, progress: bool = True)
     if resume and not (run_dir / "last.pt").is_file():
         raise FileNotFoundError(f"{run_dir / 'last.pt'}: nothing to resume (train without --resume first)")
     configure_allocator(cfg.heap_mmap_threshold_mb, cfg.retain_freed_memory)
+    set_band_size(cfg.winograd_band_mb)
     train_set, val_set = _datasets(cfg)
     method = build_dehaze_method(cfg)
     protocol = get_protocol(cfg.protocol)

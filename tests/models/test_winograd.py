@@ -134,6 +134,21 @@ def test_workspace_is_reused_and_released():
     assert not wg._workspace.buffers
 
 
+def test_band_size_is_set_and_checked(monkeypatch):
+    from lowcon.config import ConfigError, from_dict
+    from lowcon.dehazing import DehazeConfig
+
+    monkeypatch.setattr(wg, "_BAND_BYTES", wg._BAND_BYTES)  # restored after the test
+    wg.set_band_size(4)
+    assert wg._BAND_BYTES == 4 * 2 ** 20
+    # 256 channels, batch 2, 16 tiles a row take 36 * 4 * 2 * 16 * 256 bytes = 1.125 MB: 3 rows in 4 MB
+    assert wg._band_rows(2, 256, 16, 16) == 3
+    with pytest.raises(ValueError, match="band size"):
+        wg.set_band_size(0)
+    with pytest.raises((ConfigError, ValueError), match="winograd_band_mb"):
+        from_dict(DehazeConfig, {"winograd_band_mb": 0})
+
+
 def test_scratch_above_the_kept_size_is_not_kept(monkeypatch):
     release_workspace()
     # 64 channels on a small map: the transformed filter and its gradient (36 x 64 x 64 floats)

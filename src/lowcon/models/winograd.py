@@ -44,9 +44,10 @@ _FILTER = _kron(_G, _G)  # (36, 9)
 _FILTER_FLIPPED = _FILTER.flip(1)  # the same for a filter rotated by 180 degrees
 _OUTPUT = _kron(_AT, _AT)  # (16, 36)
 # Large maps are transformed in bands of tile rows, so that the scratch buffers stay this small
-# (1600x1200 inference would otherwise need about 1 GB of them). Bands of 4 MB cost no speed against
-# 16 MB and lowered the peak of an AECR-Net + CR step by about 0.06 GB (benchmarks/README.md).
-_BAND_BYTES = 4 * 2 ** 20
+# (1600x1200 inference would otherwise need about 1 GB of them). Set by set_band_size: 4 MB bands
+# lowered the peak of an AECR-Net + CR step by about 0.06 GB, but made it 5-10 % slower (smaller
+# matrix products for the 512-channel layers); see benchmarks/README.md.
+_BAND_BYTES = 16 * 2 ** 20
 # Scratch larger than this (VGG-19's 512-channel transformed filters, a whole padded gradient map
 # at 120x120) gets a memory map of its own for the one call instead of a kept buffer. Not lower:
 # the page faults of mapping a 256-channel filter (9.4 MB) afresh at each call made a FastCUT step
@@ -104,6 +105,15 @@ def release_workspace() -> None:
     """Free this thread's scratch buffers (they are made again, as needed, by the next call)."""
     _workspace.buffers.clear()
     _workspace.views.clear()
+
+
+def set_band_size(megabytes: float) -> None:
+    """Transform maps in bands of at most this many MB of transformed tiles (default 16), in this
+    process. Smaller bands keep less scratch memory and run smaller, slower matrix products."""
+    global _BAND_BYTES
+    if not megabytes > 0:
+        raise ValueError(f"band size must be > 0 MB, got {megabytes!r}")
+    _BAND_BYTES = int(megabytes * 2 ** 20)
 
 
 def _tile_counts(out_h: int, out_w: int) -> tuple[int, int]:
