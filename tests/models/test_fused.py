@@ -3,7 +3,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lowcon.models import patch_discriminator
+from lowcon.models import fused as fused_module
 from lowcon.models.blur import Downsample, Upsample
 from lowcon.models.fused import FusedSpec, NormActConv, ReflectPad, fused_step, norm_act_conv, unfused
 from lowcon.models.patch_discriminator import PatchDiscriminator
@@ -156,7 +156,7 @@ def test_the_discriminator_keeps_only_each_runs_input(monkeypatch, saved_bytes):
     net = PatchDiscriminator(ndf=ndf)
     x = torch.randn(b, 3, size, size)
     fused = saved_bytes(net, x)
-    monkeypatch.setattr(patch_discriminator, "fused_step", lambda *args: None)
+    monkeypatch.setattr(fused_module, "fused_step", lambda *args: None)
     plain = saved_bytes(net, x)
     # 4x4 convs with padding 1 take n to n - 1; blur-pools (reflect pad 1, stride 2) take m to m // 2 + 1.
     n0 = size - 1                      # first conv: 31

@@ -4,7 +4,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lowcon.models.blur import Downsample, Upsample
-from lowcon.models import resnet_generator
+from lowcon.models import fused as fused_module
 from lowcon.models.resnet_generator import ResnetBlock, ResnetGenerator
 
 
@@ -226,7 +226,7 @@ def test_down_steps_train_fused_with_the_values_and_gradients_of_the_plain_layer
         return [out, *feats], torch.autograd.grad(loss, [x, *params])
 
     fused_values, fused_grads = run()
-    monkeypatch.setattr(resnet_generator, "fused_step", lambda *args: None)
+    monkeypatch.setattr(fused_module, "fused_step", lambda *args: None)
     plain_values, plain_grads = run()
     for a, b in zip(fused_values + list(fused_grads), plain_values + list(plain_grads)):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-11)
@@ -237,7 +237,7 @@ def test_fused_runs_keep_only_their_inputs(monkeypatch, saved_bytes):
     net = ResnetGenerator(ngf=ngf, n_blocks=1)
     x = torch.randn(b, 3, h, w)
     fused = saved_bytes(net, x)
-    monkeypatch.setattr(resnet_generator, "fused_step", lambda *args: None)
+    monkeypatch.setattr(fused_module, "fused_step", lambda *args: None)
     plain = saved_bytes(net, x)
     # What the plain layers keep and the fused runs recompute (float32, so 4 bytes a number).
     # [norm, ReLU, conv 3x3]: the ReLU output and the norm's mean and 1/std.

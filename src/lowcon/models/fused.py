@@ -11,7 +11,8 @@ gradients are the same formulas (tests compare with the plain layers and with gr
 :func:`fused_step` finds such runs in an ``nn.Sequential`` of the CUT / CycleGAN networks: the
 residual blocks' second half, the first down-convolution, the down steps' blur-pools, the second
 up step's upsampling and convolution, the last 7x7 convolution, and the discriminator's layers.
-Where autograd must differentiate twice (SinCUT's R1 penalty), :func:`unfused` turns this off.
+:func:`layer_steps` walks a network's layers with them. Where autograd must differentiate twice
+(SinCUT's R1 penalty), :func:`unfused` turns this off.
 """
 from __future__ import annotations
 
@@ -150,12 +151,6 @@ class ReflectPad:
     def __call__(self, x: Tensor) -> Tensor:
         return F.pad(x, (self.size,) * 4, mode="reflect")
 
-    def __eq__(self, other: object) -> bool:
-        return isinstance(other, ReflectPad) and other.size == self.size
-
-    def __hash__(self) -> int:
-        return hash(("ReflectPad", self.size))
-
     def out_size(self, height: int, width: int) -> tuple[int, int]:
         return height + 2 * self.size, width + 2 * self.size
 
@@ -260,3 +255,15 @@ def fused_step(layers: Sequence[nn.Module], index: int, last: int,
     conv = layers[i]
     spec = FusedSpec(eps, slope, pre, conv.stride[0], conv.padding[0], conv.groups)
     return i, lambda h: norm_act_conv(h, conv, spec)
+
+
+def layer_steps(layers: Sequence[nn.Module], last: int, wanted: set[int] = frozenset(),
+                fuse: bool = True) -> Iterator[tuple[int, Callable[[Tensor], Tensor]]]:
+    """The steps that run ``layers[:last + 1]`` in order: ``(index of the step's last layer,
+    function)``, a fused run where :func:`fused_step` finds one (with `fuse`), else the layer."""
+    index = 0
+    while index <= last:
+        run = fused_step(layers, index, last, wanted) if fuse else None
+        index, step = run if run is not None else (index, layers[index])
+        yield index, step
+        index += 1

@@ -20,7 +20,7 @@ import torch
 from torch import Tensor, nn
 
 from lowcon.models.blur import Downsample
-from lowcon.models.fused import fused_step
+from lowcon.models.fused import layer_steps
 from lowcon.models.resnet_generator import NORMS, norm_layer
 
 
@@ -84,17 +84,9 @@ class PatchDiscriminator(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         if x.ndim != 4 or x.shape[1] != self.in_channels:
             raise ValueError(f"x must have shape (B, {self.in_channels}, H, W), got {tuple(x.shape)}")
-        if not torch.is_grad_enabled() or torch.is_autocast_enabled(x.device.type):
-            return self.model(x)
         # Training: each [norm], LeakyReLU, blur-pool or conv runs as one NormActConv, which keeps
         # only its input for backward (lowcon.models.fused); the same values and gradients.
-        index, last = 0, len(self.model) - 1
-        while index <= last:
-            run = fused_step(self.model, index, last, set())
-            if run is not None:
-                index, step = run
-                x = step(x)
-            else:
-                x = self.model[index](x)
-            index += 1
+        fuse = torch.is_grad_enabled() and not torch.is_autocast_enabled(x.device.type)
+        for _, step in layer_steps(self.model, len(self.model) - 1, fuse=fuse):
+            x = step(x)
         return x

@@ -29,7 +29,7 @@ from torch.utils.checkpoint import checkpoint
 
 from lowcon.models.blur import Downsample, Upsample
 from lowcon.models.feature_generator import FeatureGenerator
-from lowcon.models.fused import FusedSpec, ReflectPad, fused_step, fusing, norm_act_conv
+from lowcon.models.fused import FusedSpec, ReflectPad, fusing, layer_steps, norm_act_conv
 
 NORMS = ("instance", "batch", "none")
 PADDINGS = ("reflect", "replicate", "zero")
@@ -199,20 +199,14 @@ class ResnetGenerator(FeatureGenerator):
         wanted, found = set(layers), {}
         recompute = self.checkpoint_blocks and torch.is_grad_enabled()
         fuse = torch.is_grad_enabled() and not torch.is_autocast_enabled(x.device.type)
-        index = 0
-        while index <= last:
-            layer = self.model[index]
-            run = fused_step(self.model, index, last, wanted) if fuse else None
-            if run is not None:
-                index, step = run  # the run's layers as one; only the last one's output exists
-                x = step(x)
-            elif recompute and isinstance(layer, ResnetBlock):
-                x = checkpoint(layer, x, use_reentrant=False)
+        # A fused run's inner layers have no output: only its last one's (see fused_step).
+        for index, step in layer_steps(self.model, last, wanted, fuse):
+            if recompute and isinstance(step, ResnetBlock):
+                x = checkpoint(step, x, use_reentrant=False)
             else:
-                x = layer(x)
+                x = step(x)
             if index in wanted:
                 found[index] = x
-            index += 1
         return x, [found[k] for k in layers]
 
     def _check_input(self, x: Tensor) -> None:
