@@ -67,6 +67,9 @@ __all__ = [
 
 PathLike = Union[str, os.PathLike]
 METHODS = ("cut", "fastcut", "sincut", "cyclegan")
+# Winograd for the networks' 3x3 and 4x4 convolutions of at least this many channels: in a CUT step
+# the 64 <-> 128-channel 256x256 layers and the discriminator's 4x4 layers gain too (benchmarks/README.md).
+WINOGRAD_MIN_CHANNELS = 64
 CUT_FAMILY = ("cut", "fastcut", "sincut")
 # Keys that steer a run but not what it computes: they may change between a run and its resume.
 RUN_KEYS = frozenset({
@@ -165,7 +168,7 @@ class TranslationConfig:
     # CPU memory: glibc's per-thread cache of freed small blocks keeps the heap's holes from merging;
     # false turns it off (lowcon train restarts itself with GLIBC_TUNABLES): 0.1-0.2 GB lower peak
     malloc_tcache: bool = False
-    # CPU time: 3x3 convolutions of >= 128 channels by Winograd F(4x4, 3x3) (lowcon.models.winograd):
+    # CPU time: 3x3 and 4x4 convolutions of >= 64 channels by Winograd (lowcon.models.winograd):
     # the same function to ~1e-5 relative, a residual block's conv forward + backward 1.6x faster
     winograd: bool = True
     # run
@@ -337,7 +340,7 @@ def _generator_network(cfg: TranslationConfig, checkpoint_blocks: bool = False) 
         antialias_up=cfg.antialias_up, nce_layers=nce_layers, checkpoint_blocks=checkpoint_blocks,
     )
     if cfg.winograd:
-        use_winograd(net)
+        use_winograd(net, WINOGRAD_MIN_CHANNELS)
     return net
 
 
@@ -352,6 +355,8 @@ def build_discriminator(cfg: TranslationConfig) -> nn.Module:
     if cfg.netD == "stylegan2":  # its own init, as the generator's
         return StyleGAN2Discriminator(3, ndf=cfg.ndf, size=stylegan2_resolution(cfg.crop_size))
     net = PatchDiscriminator(3, ndf=cfg.ndf, n_layers=cfg.n_layers_D, norm=cfg.norm, antialias=cfg.antialias)
+    if cfg.winograd:
+        use_winograd(net, WINOGRAD_MIN_CHANNELS)
     return init_weights(net, cfg.init_type, cfg.init_gain)
 
 

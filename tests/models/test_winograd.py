@@ -1,5 +1,8 @@
-"""Winograd F(4x4, 3x3) convolution: values and gradients against float64 ``F.conv2d`` (a direct
-sum, an independent formulation), the fast-path rules, and the switch of a network's layers."""
+"""Winograd F(4x4, 3x3) and F(3x3, 4x4) convolutions: the transform matrices against the published
+ones, values and gradients against float64 ``F.conv2d`` (a direct sum, an independent formulation),
+the fast-path rules, and the switch of a network's layers."""
+from fractions import Fraction
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -7,12 +10,39 @@ from torch import nn
 
 import lowcon.models.winograd as wg
 from lowcon.models.resnet_generator import ResnetGenerator
-from lowcon.models.winograd import (WinogradConv2d, conv3x3_input_grad, conv3x3_weight_grad, fast_path_applies,
-                                    release_workspace, use_winograd, winograd_conv3x3)
+from lowcon.models.winograd import (WinogradConv2d, conv_input_grad, conv_weight_grad, fast_path_applies, toom_cook,
+                                    use_winograd, winograd_conv)
 
 
 def _relative(a: torch.Tensor, ref: torch.Tensor) -> float:
     return ((a.double() - ref).abs().max() / ref.abs().max()).item()
+
+
+def test_toom_cook_gives_the_published_matrices():
+    # F(4, 3) with the points 0, +-1, +-2 (Lavin & Gray, CVPR 2016, section 5.2)
+    at, g, bt = toom_cook(4, 3)
+    assert bt == [[4, 0, -5, 0, 1, 0], [0, -4, -4, 1, 1, 0], [0, 4, -4, -1, 1, 0],
+                  [0, -2, -1, 2, 1, 0], [0, 2, -1, -2, 1, 0], [0, 4, 0, -5, 0, 1]]
+    assert g == [[Fraction(1, 4), 0, 0], [Fraction(-1, 6)] * 3, [Fraction(-1, 6), Fraction(1, 6), Fraction(-1, 6)],
+                 [Fraction(1, 24), Fraction(1, 12), Fraction(1, 6)], [Fraction(1, 24), Fraction(-1, 12), Fraction(1, 6)],
+                 [0, 0, 1]]
+    assert at == [[1, 1, 1, 1, 1, 0], [0, 1, -1, 2, -2, 0], [0, 1, 1, 4, 4, 0], [0, 1, -1, 8, -8, 1]]
+    with pytest.raises(ValueError, match="distinct finite points"):
+        toom_cook(4, 3, (0, 1, 1, 2, -2))
+
+
+@pytest.mark.parametrize("m, r", [(4, 3), (3, 4), (2, 3)])
+def test_toom_cook_is_exact_correlation(m, r):
+    # A^T ((G g) * (B^T d)) against the correlation sum_k g[k] d[i + k], in exact fractions, for
+    # the unit filters and signals (so for all of them, by linearity).
+    at, g, bt = toom_cook(m, r, (0, 1, -1, 2, -2)[:m + r - 2])
+    n = m + r - 1
+    for tap in range(r):
+        for pixel in range(n):
+            gg = [sum(row[k] * (k == tap) for k in range(r)) for row in g]
+            dd = [sum(row[k] * (k == pixel) for k in range(n)) for row in bt]
+            y = [sum(at[i][j] * gg[j] * dd[j] for j in range(n)) for i in range(m)]
+            assert y == [int(pixel == i + tap) for i in range(m)]
 
 
 def test_constant_image_and_filter_by_hand():
@@ -20,7 +50,7 @@ def test_constant_image_and_filter_by_hand():
     # unit output gradient counts how many outputs each input pixel feeds (1, 2 or 3 per axis).
     x = torch.ones(1, 2, 7, 9, requires_grad=True)
     w = torch.full((1, 2, 3, 3), 0.5, requires_grad=True)
-    y = winograd_conv3x3(x, w)
+    y = winograd_conv(x, w)
     assert y.shape == (1, 1, 5, 7)
     assert torch.allclose(y, torch.full_like(y, 9.0), atol=1e-5)
     y.sum().backward()
@@ -32,23 +62,23 @@ def test_constant_image_and_filter_by_hand():
 
 @pytest.mark.parametrize("shape", [(2, 5, 7, 9, 13), (1, 8, 4, 10, 10), (3, 16, 16, 7, 6), (1, 4, 4, 23, 30)])
 @pytest.mark.parametrize("band_bytes", [16 * 2 ** 20, 3000])  # one band, and one tile row per band
-def test_values_and_gradients_match_float64_direct_convolution(shape, band_bytes, monkeypatch):
+@pytest.mark.parametrize("r", [3, 4])
+def test_values_and_gradients_match_float64_direct_convolution(shape, band_bytes, r, monkeypatch):
     monkeypatch.setattr(wg, "_BAND_BYTES", band_bytes)
-    release_workspace()
     b, c, o, h, w_ = shape
     gen = torch.Generator().manual_seed(sum(shape))
     x = torch.randn(b, c, h, w_, dtype=torch.float64, generator=gen)
-    w = torch.randn(o, c, 3, 3, dtype=torch.float64, generator=gen)
+    w = torch.randn(o, c, r, r, dtype=torch.float64, generator=gen)
     bias = torch.randn(o, dtype=torch.float64, generator=gen)
     xs, ws, bs = (t.float().requires_grad_() for t in (x, w, bias))
-    y = winograd_conv3x3(xs, ws, bs)
+    y = winograd_conv(xs, ws, bs)
     grad = torch.randn(y.shape, dtype=torch.float64, generator=gen)
     y.backward(grad.float())
     xd, wd, bd = (t.clone().requires_grad_() for t in (x, w, bias))
     ref = F.conv2d(xd, wd, bd)
     ref.backward(grad)
     assert y.shape == ref.shape
-    # F(4, 3) in float32: a few 1e-6 relative here (the direct float32 convolution: about 1e-6)
+    # F(4, 3) and F(3, 4) in float32: a few 1e-6 relative here (direct float32: about 1e-6)
     assert _relative(y, ref) < 2e-5
     assert _relative(xs.grad, xd.grad) < 2e-5
     assert _relative(ws.grad, wd.grad) < 2e-5
@@ -61,15 +91,17 @@ def test_gradient_helpers_match_autograd_of_direct_convolution():
     w = torch.randn(5, 6, 3, 3, dtype=torch.float64, generator=gen, requires_grad=True)
     grad = torch.randn(2, 5, 10, 9, dtype=torch.float64, generator=gen)
     F.conv2d(xp, w).backward(grad)
-    assert _relative(conv3x3_input_grad(grad.float(), w.detach().float()), xp.grad) < 2e-5
-    assert _relative(conv3x3_weight_grad(grad.float(), xp.detach().float()), w.grad) < 2e-5
+    assert _relative(conv_input_grad(grad.float(), w.detach().float()), xp.grad) < 2e-5
+    assert _relative(conv_weight_grad(grad.float(), xp.detach().float(), 3), w.grad) < 2e-5
 
 
 def test_bad_shapes_are_one_line_errors():
-    with pytest.raises(ValueError, match="weight \\(O, C, 3, 3\\)"):
-        winograd_conv3x3(torch.randn(1, 3, 8, 8), torch.randn(4, 3, 5, 5))
+    with pytest.raises(ValueError, match="weight \\(O, C, r, r\\) with r in \\(3, 4\\)"):
+        winograd_conv(torch.randn(1, 3, 8, 8), torch.randn(4, 3, 5, 5))
     with pytest.raises(ValueError, match="at least 3"):
-        winograd_conv3x3(torch.randn(1, 3, 2, 8), torch.randn(4, 3, 3, 3))
+        winograd_conv(torch.randn(1, 3, 2, 8), torch.randn(4, 3, 3, 3))
+    with pytest.raises(ValueError, match="at least 4"):
+        winograd_conv(torch.randn(1, 3, 8, 3), torch.randn(4, 3, 4, 4))
 
 
 def test_fast_path_rules():
@@ -80,6 +112,8 @@ def test_fast_path_rules():
     assert fast_path_applies(torch.randn(1, 8, 32, 32), w, padding=1)
     assert not fast_path_applies(torch.randn(1, 8, 34, 34, dtype=torch.float64), w.double())
     assert not fast_path_applies(torch.randn(1, 8, 34, 34), torch.randn(4, 8, 5, 5))
+    assert fast_path_applies(torch.randn(1, 8, 25, 25), torch.randn(4, 8, 4, 4))  # 22 x 22: 8 x 8 tiles of 3
+    assert not fast_path_applies(torch.randn(1, 8, 24, 24), torch.randn(4, 8, 4, 4))  # 7 x 7 tiles
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert not fast_path_applies(torch.randn(1, 8, 34, 34), w)
 
@@ -90,11 +124,12 @@ def test_layer_switch_keeps_parameters_and_falls_back():
                         nn.Conv2d(128, 64, 3, padding=1), nn.Conv2d(64, 128, 3, padding=1),
                         nn.Conv2d(128, 128, 4, padding=1))
     keys = list(net.state_dict())
-    assert use_winograd(net) == 1  # stride 2, the 64-channel layers and the 4x4 filter stay direct
-    assert [type(m) is WinogradConv2d for m in net] == [True, False, False, False, False]
+    assert use_winograd(net) == 2  # stride 2 and the 64-channel layers stay direct
+    assert [type(m) is WinogradConv2d for m in net] == [True, False, False, False, True]
     assert list(net.state_dict()) == keys
     x = torch.randn(1, 128, 32, 32)
     assert torch.allclose(net[0](x), F.conv2d(x, net[0].weight, net[0].bias, padding=1), atol=1e-4)
+    assert torch.allclose(net[4](x), F.conv2d(x, net[4].weight, net[4].bias, padding=1), atol=1e-4)
     xd = x.double()  # float64 runs F.conv2d itself: exactly
     assert torch.equal(net[0].double()(xd), F.conv2d(xd, net[0].weight, net[0].bias, padding=1))
     with pytest.raises(ValueError, match="min_channels"):
@@ -124,16 +159,6 @@ def test_resnet_generator_trains_the_same_with_and_without(monkeypatch):
     assert _relative(grads[1], grads[0].double()) < 1e-3
 
 
-def test_workspace_is_reused_and_released():
-    x, w = torch.randn(1, 8, 34, 34), torch.randn(8, 8, 3, 3)
-    winograd_conv3x3(x, w)
-    buffers = dict(wg._workspace.buffers)
-    winograd_conv3x3(x, w)
-    assert all(wg._workspace.buffers[k] is v for k, v in buffers.items())
-    release_workspace()
-    assert not wg._workspace.buffers
-
-
 def test_band_size_is_set_and_checked(monkeypatch):
     from lowcon.config import ConfigError, from_dict
     from lowcon.dehazing import DehazeConfig
@@ -141,43 +166,30 @@ def test_band_size_is_set_and_checked(monkeypatch):
     monkeypatch.setattr(wg, "_BAND_BYTES", wg._BAND_BYTES)  # restored after the test
     wg.set_band_size(4)
     assert wg._BAND_BYTES == 4 * 2 ** 20
-    # 256 channels, batch 2, 16 tiles a row take 36 * 4 * 2 * 16 * 256 bytes = 1.125 MB: 3 rows in 4 MB
-    assert wg._band_rows(2, 256, 16, 16) == 3
+    # 256 channels, 16 tiles a row take 36 * 4 * 16 * 256 bytes = 0.5625 MB: 7 rows in 4 MB, so
+    # 16 rows go in three bands of about the same size
+    assert wg._bands(256, 16, 16) == [(0, 6), (6, 5), (11, 5)]
+    assert wg._bands(256, 7, 16) == [(0, 7)]
     with pytest.raises(ValueError, match="band size"):
         wg.set_band_size(0)
     with pytest.raises((ConfigError, ValueError), match="winograd_band_mb"):
         from_dict(DehazeConfig, {"winograd_band_mb": 0})
 
 
-def test_scratch_above_the_kept_size_is_not_kept(monkeypatch):
-    release_workspace()
-    # 64 channels on a small map: the transformed filter and its gradient (36 x 64 x 64 floats)
-    # are the two largest scratch tensors; the tiles of the 2 x 4 x 4 output tiles are half that.
-    x, w = torch.randn(2, 64, 18, 18, requires_grad=True), torch.randn(64, 64, 3, 3, requires_grad=True)
-    filter_bytes = 36 * 64 * 64 * 4
-    winograd_conv3x3(x, w).square().sum().backward()
-    assert {"filter", "grad_filter", "input"} <= set(wg._workspace.buffers)
-    grads = x.grad.clone(), w.grad.clone()
-    release_workspace()
-    monkeypatch.setattr(wg, "_KEPT_BYTES", filter_bytes - 1)
-    x.grad = w.grad = None
-    winograd_conv3x3(x, w).square().sum().backward()
-    assert not {"filter", "grad_filter"} & set(wg._workspace.buffers) and "input" in wg._workspace.buffers
-    # Kept buffers have a quarter to spare over what was asked for.
-    assert all(v.numel() * 4 <= filter_bytes * 5 // 4 for v in wg._workspace.buffers.values())
-    torch.testing.assert_close(x.grad, grads[0], rtol=0, atol=0)
-    torch.testing.assert_close(w.grad, grads[1], rtol=0, atol=0)
-    release_workspace()
-
-
 def test_configs_switch_the_networks():
     from lowcon.dehazing import DehazeConfig, build_network
-    from lowcon.translation import TranslationConfig, build_generator
+    from lowcon.translation import TranslationConfig, build_discriminator, build_generator
 
     def count(net):
         return sum(type(m) is WinogradConv2d for m in net.modules())
 
-    assert count(build_generator(TranslationConfig(method="cut"))) == 20  # 18 block convs, down and up
+    # 18 block convs, the two down- and the two up-convs (64 <-> 128 <-> 256 channels)
+    assert count(build_generator(TranslationConfig(method="cut"))) == 22
     assert count(build_generator(TranslationConfig(method="cut", winograd=False))) == 0
+    # the 4x4 stride-1 convs of 64 channels or more: all but the first and the last when
+    # anti-aliased (CUT), and only the 256 -> 512 one with strided convs (CycleGAN)
+    assert count(build_discriminator(TranslationConfig(method="cut"))) == 3
+    assert count(build_discriminator(TranslationConfig(method="cyclegan", antialias=False))) == 1
+    assert count(build_discriminator(TranslationConfig(method="cut", winograd=False))) == 0
     assert count(build_network(DehazeConfig())) == 2  # the shared FA block's two convs
     assert count(build_network(DehazeConfig(winograd=False))) == 0

@@ -29,7 +29,7 @@ from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 
 from lowcon.models.blur import _PAD_MODES, Downsample, Upsample
-from lowcon.models.winograd import WinogradConv2d, conv3x3_backward, fast_path_applies, winograd_conv3x3
+from lowcon.models.winograd import WinogradConv2d, conv_backward, fast_path_applies, winograd_conv
 
 
 @dataclass(frozen=True)
@@ -42,7 +42,7 @@ class FusedSpec:
         pre: a fixed function between the activation and the convolution (padding, upsampling),
             with no parameters; ``None`` for none.
         stride, padding, groups: the convolution's (zero padding).
-        winograd: run the 3x3 convolution as :func:`lowcon.models.winograd.winograd_conv3x3`.
+        winograd: run the convolution as :func:`lowcon.models.winograd.winograd_conv`.
     """
 
     eps: Optional[float]
@@ -80,7 +80,7 @@ class NormActConv(torch.autograd.Function):
         if spec.winograd:  # (autograd is off inside forward: this records nothing)
             if spec.padding:
                 x = F.pad(x, (spec.padding,) * 4)
-            return winograd_conv3x3(x, weight, bias)
+            return winograd_conv(x, weight, bias)
         return F.conv2d(x, weight, bias, stride=spec.stride, padding=spec.padding, groups=spec.groups)
 
     @staticmethod
@@ -103,7 +103,7 @@ class NormActConv(torch.autograd.Function):
         if spec.winograd:
             p = spec.padding
             xp = F.pad(x.detach(), (p,) * 4) if p else x.detach()
-            grad_x, grad_w, grad_b = conv3x3_backward(grad, xp, weight, True, need_w, need_b)
+            grad_x, grad_w, grad_b = conv_backward(grad, xp, weight, True, need_w, need_b)
             del xp
             if p:
                 grad_x = grad_x[..., p:-p, p:-p]
