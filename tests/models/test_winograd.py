@@ -62,8 +62,8 @@ def test_constant_image_and_filter_by_hand():
 
 @pytest.mark.parametrize("shape", [(2, 5, 7, 9, 13), (1, 8, 4, 10, 10), (3, 16, 16, 7, 6), (1, 4, 4, 23, 30)])
 @pytest.mark.parametrize("band_bytes", [16 * 2 ** 20, 3000])  # one band, and one tile row per band
-@pytest.mark.parametrize("r", [3, 4])
-def test_values_and_gradients_match_float64_direct_convolution(shape, band_bytes, r, monkeypatch):
+@pytest.mark.parametrize("r, padding", [(3, 0), (3, 1), (4, 1)])
+def test_values_and_gradients_match_float64_direct_convolution(shape, band_bytes, r, padding, monkeypatch):
     monkeypatch.setattr(wg, "_BAND_BYTES", band_bytes)
     b, c, o, h, w_ = shape
     gen = torch.Generator().manual_seed(sum(shape))
@@ -71,11 +71,11 @@ def test_values_and_gradients_match_float64_direct_convolution(shape, band_bytes
     w = torch.randn(o, c, r, r, dtype=torch.float64, generator=gen)
     bias = torch.randn(o, dtype=torch.float64, generator=gen)
     xs, ws, bs = (t.float().requires_grad_() for t in (x, w, bias))
-    y = winograd_conv(xs, ws, bs)
+    y = winograd_conv(xs, ws, bs, padding)
     grad = torch.randn(y.shape, dtype=torch.float64, generator=gen)
     y.backward(grad.float())
     xd, wd, bd = (t.clone().requires_grad_() for t in (x, w, bias))
-    ref = F.conv2d(xd, wd, bd)
+    ref = F.conv2d(xd, wd, bd, padding=padding)
     ref.backward(grad)
     assert y.shape == ref.shape
     # F(4, 3) and F(3, 4) in float32: a few 1e-6 relative here (direct float32: about 1e-6)
@@ -102,6 +102,8 @@ def test_bad_shapes_are_one_line_errors():
         winograd_conv(torch.randn(1, 3, 2, 8), torch.randn(4, 3, 3, 3))
     with pytest.raises(ValueError, match="at least 4"):
         winograd_conv(torch.randn(1, 3, 8, 3), torch.randn(4, 3, 4, 4))
+    with pytest.raises(ValueError, match="padding must be in 0..2"):
+        winograd_conv(torch.randn(1, 3, 8, 8), torch.randn(4, 3, 3, 3), padding=3)
 
 
 def test_fast_path_rules():
@@ -110,6 +112,7 @@ def test_fast_path_rules():
     assert not fast_path_applies(torch.randn(1, 8, 18, 18), w)  # 4 x 4 tiles: too few to gain
     assert fast_path_applies(torch.randn(4, 8, 18, 18), w)  # ... unless the batch makes them up
     assert fast_path_applies(torch.randn(1, 8, 32, 32), w, padding=1)
+    assert not fast_path_applies(torch.randn(1, 8, 32, 32), w, padding=3)  # F.conv2d serves it
     assert not fast_path_applies(torch.randn(1, 8, 34, 34, dtype=torch.float64), w.double())
     assert not fast_path_applies(torch.randn(1, 8, 34, 34), torch.randn(4, 8, 5, 5))
     assert fast_path_applies(torch.randn(1, 8, 25, 25), torch.randn(4, 8, 4, 4))  # 22 x 22: 8 x 8 tiles of 3
@@ -193,3 +196,18 @@ def test_configs_switch_the_networks():
     assert count(build_discriminator(TranslationConfig(method="cut", winograd=False))) == 0
     assert count(build_network(DehazeConfig())) == 2  # the shared FA block's two convs
     assert count(build_network(DehazeConfig(winograd=False))) == 0
+
+
+def test_keeps_only_the_unpadded_input_and_weight_for_backward():
+    conv = nn.Conv2d(8, 8, 3, padding=1, bias=False)
+    assert use_winograd(conv, 8) == 1
+    x = torch.randn(1, 8, 32, 32, requires_grad=True)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        y = conv(x)
+    # no padded copy of x (34 x 34) is kept: it is made again in backward
+    assert sorted(t.data_ptr() for t in saved) == sorted([x.data_ptr(), conv.weight.data_ptr()])
+    y.square().sum().backward()
+    xd, wd = x.detach().double().requires_grad_(), conv.weight.detach().double().requires_grad_()
+    F.conv2d(xd, wd, padding=1).square().sum().backward()
+    assert _relative(x.grad, xd.grad) < 2e-5 and _relative(conv.weight.grad, wd.grad) < 2e-5

@@ -78,9 +78,7 @@ class NormActConv(torch.autograd.Function):
         ctx.save_for_backward(h, weight)
         ctx.spec, ctx.has_bias = spec, bias is not None
         if spec.winograd:  # (autograd is off inside forward: this records nothing)
-            if spec.padding:
-                x = F.pad(x, (spec.padding,) * 4)
-            return winograd_conv(x, weight, bias)
+            return winograd_conv(x, weight, bias, spec.padding)
         return F.conv2d(x, weight, bias, stride=spec.stride, padding=spec.padding, groups=spec.groups)
 
     @staticmethod
@@ -101,12 +99,7 @@ class NormActConv(torch.autograd.Function):
             x = act
         need_w, need_b = ctx.needs_input_grad[1], ctx.has_bias and ctx.needs_input_grad[2]
         if spec.winograd:
-            p = spec.padding
-            xp = F.pad(x.detach(), (p,) * 4) if p else x.detach()
-            grad_x, grad_w, grad_b = conv_backward(grad, xp, weight, True, need_w, need_b)
-            del xp
-            if p:
-                grad_x = grad_x[..., p:-p, p:-p]
+            grad_x, grad_w, grad_b = conv_backward(grad, x.detach(), weight, spec.padding, True, need_w, need_b)
         else:
             grad_x, grad_w, grad_b = torch.ops.aten.convolution_backward(
                 grad, x.detach(), weight, [weight.shape[0]] if ctx.has_bias else None, [spec.stride] * 2,

@@ -181,13 +181,16 @@ def _conv(xp: Tensor, weight: Tensor, out_h: int, out_w: int, transposed: bool =
     return y
 
 
-def conv_input_grad(grad: Tensor, weight: Tensor) -> Tensor:
-    """Gradient of ``F.conv2d(xp, weight)`` (r x r, stride 1, no padding) to `xp`, given `grad` of
-    shape (B, O, H - r + 1, W - r + 1): the full convolution of `grad` with the rotated, transposed
-    filter."""
+def conv_input_grad(grad: Tensor, weight: Tensor, padding: int = 0) -> Tensor:
+    """Gradient of ``F.conv2d(x, weight, padding=padding)`` (r x r, stride 1, zero padding of at
+    most r - 1) to `x`, given `grad` of shape (B, O, H + 2 padding - r + 1, W + 2 padding - r + 1):
+    the full convolution of `grad` with the rotated, transposed filter, less the padding's rows and
+    columns (they are never computed)."""
     r = weight.shape[-1]
     gh, gw = grad.shape[-2:]
-    return _conv(F.pad(grad, (r - 1,) * 4), weight, gh + r - 1, gw + r - 1, transposed=True)
+    border = r - 1 - padding
+    return _conv(F.pad(grad, (border,) * 4), weight, gh + 2 * border - r + 1, gw + 2 * border - r + 1,
+                 transposed=True)
 
 
 def conv_weight_grad(grad: Tensor, xp: Tensor, kernel_size: int) -> Tensor:
@@ -211,22 +214,25 @@ def conv_weight_grad(grad: Tensor, xp: Tensor, kernel_size: int) -> Tensor:
     return grad_weight.t().reshape(o, c, kernel_size, kernel_size)
 
 
-def conv_backward(grad: Tensor, xp: Tensor, weight: Tensor, need_input: bool, need_weight: bool,
+def conv_backward(grad: Tensor, x: Tensor, weight: Tensor, padding: int, need_input: bool, need_weight: bool,
                   need_bias: bool) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
-    """Gradients of ``F.conv2d(xp, weight, bias)`` (3x3 or 4x4, stride 1, no padding) to `xp`,
+    """Gradients of ``F.conv2d(x, weight, bias, padding=padding)`` (3x3 or 4x4, stride 1) to `x`,
     `weight` and `bias` given `grad` to its output, each None where not needed."""
     grad = grad.contiguous()
-    return (conv_input_grad(grad, weight) if need_input else None,
-            conv_weight_grad(grad, xp, weight.shape[-1]) if need_weight else None,
+    return (conv_input_grad(grad, weight, padding) if need_input else None,
+            conv_weight_grad(grad, F.pad(x, (padding,) * 4) if padding else x, weight.shape[-1]) if need_weight else None,
             grad.sum((0, 2, 3)) if need_bias else None)
 
 
 class _WinogradConv(torch.autograd.Function):
+    """Keeps the unpadded input for backward; the padded copy lives only inside each call."""
+
     @staticmethod
-    def forward(ctx, xp: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:  # noqa: D401
-        ctx.save_for_backward(xp, weight)
-        ctx.has_bias = bias is not None
+    def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor | None, padding: int) -> Tensor:  # noqa: D401
+        ctx.save_for_backward(x, weight)
+        ctx.has_bias, ctx.padding = bias is not None, padding
         r = weight.shape[-1]
+        xp = F.pad(x, (padding,) * 4) if padding else x
         y = _conv(xp, weight, xp.shape[-2] - r + 1, xp.shape[-1] - r + 1)
         if bias is not None:
             y += bias.view(1, -1, 1, 1)
@@ -235,53 +241,60 @@ class _WinogradConv(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx, grad: Tensor):
-        xp, weight = ctx.saved_tensors
-        need_x, need_w, need_b = ctx.needs_input_grad
-        return conv_backward(grad, xp, weight, need_x, need_w, ctx.has_bias and need_b)
+        x, weight = ctx.saved_tensors
+        need_x, need_w, need_b = ctx.needs_input_grad[:3]
+        return (*conv_backward(grad, x, weight, ctx.padding, need_x, need_w, ctx.has_bias and need_b), None)
 
 
 def fast_path_applies(x: Tensor, weight: Tensor, padding: int = 0, size: tuple[int, int] | None = None) -> bool:
     """Whether :func:`winograd_conv` should serve ``conv2d(x, weight, padding=padding)``: float32
-    on the CPU, outside autocast, a 3x3 or 4x4 filter of one group, and at least _MIN_TILES output
-    tiles (fewer make matrix products too small to gain; measured in benchmarks/README.md).
-    `size` is the (H, W) the convolution will read when it is not `x`'s own (x is resampled first)."""
+    on the CPU, outside autocast, a 3x3 or 4x4 filter of one group, padding below the filter's
+    size, and at least _MIN_TILES output tiles (fewer make matrix products too small to gain;
+    measured in benchmarks/README.md). `size` is the (H, W) the convolution will read when it is not `x`'s own (x is resampled first)."""
     if not (x.device.type == "cpu" and x.dtype == torch.float32 and weight.dtype == torch.float32
             and x.ndim == 4 and weight.ndim == 4 and weight.shape[-1] in KERNEL_SIZES
             and weight.shape[-2] == weight.shape[-1] and weight.shape[1] == x.shape[1]
             and not torch.is_autocast_enabled("cpu")):
         return False
     r = weight.shape[-1]
+    if not 0 <= padding < r:
+        return False
     height, width = size if size is not None else x.shape[-2:]
     th, tw = _tile_counts(height + 2 * padding - r + 1, width + 2 * padding - r + 1, _TRANSFORMS[r].m)
     return th > 0 and tw > 0 and x.shape[0] * th * tw >= _MIN_TILES
 
 
-def winograd_conv(xp: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
-    """``F.conv2d(xp, weight, bias)`` for a 3x3 or 4x4 filter, stride 1, no padding (pad `xp` first).
+def winograd_conv(x: Tensor, weight: Tensor, bias: Tensor | None = None, padding: int = 0) -> Tensor:
+    """``F.conv2d(x, weight, bias, padding=padding)`` for a 3x3 or 4x4 filter, stride 1.
 
     Args:
-        xp: (B, C, H, W) float32 input, H and W at least the filter's size r.
+        x: (B, C, H, W) float32 input, H and W plus twice `padding` at least the filter's size r.
         weight: (O, C, r, r), r = 3 or 4.
         bias: optional (O,).
+        padding: zeros on each side, at most r - 1.
 
     Shape:
-        Output: ``(B, O, H - r + 1, W - r + 1)``.
+        Output: ``(B, O, H + 2 padding - r + 1, W + 2 padding - r + 1)``.
 
     Example:
         >>> x, w = torch.randn(1, 8, 10, 10), torch.randn(4, 8, 3, 3)
-        >>> torch.allclose(winograd_conv(x, w), F.conv2d(x, w), atol=1e-4)
+        >>> torch.allclose(winograd_conv(x, w, padding=1), F.conv2d(x, w, padding=1), atol=1e-4)
         True
 
     Reference:
         Lavin & Gray, "Fast Algorithms for Convolutional Neural Networks", CVPR 2016.
     """
-    if (xp.ndim != 4 or weight.ndim != 4 or weight.shape[-1] not in KERNEL_SIZES
-            or weight.shape[-2] != weight.shape[-1] or weight.shape[1] != xp.shape[1]):
-        raise ValueError(f"winograd_conv needs xp (B, C, H, W) and weight (O, C, r, r) with r in "
-                         f"{KERNEL_SIZES}, got {tuple(xp.shape)} and {tuple(weight.shape)}")
-    if min(xp.shape[-2:]) < weight.shape[-1]:
-        raise ValueError(f"xp height and width must be at least {weight.shape[-1]}, got {tuple(xp.shape[-2:])}")
-    return _WinogradConv.apply(xp, weight, bias)
+    if (x.ndim != 4 or weight.ndim != 4 or weight.shape[-1] not in KERNEL_SIZES
+            or weight.shape[-2] != weight.shape[-1] or weight.shape[1] != x.shape[1]):
+        raise ValueError(f"winograd_conv needs x (B, C, H, W) and weight (O, C, r, r) with r in "
+                         f"{KERNEL_SIZES}, got {tuple(x.shape)} and {tuple(weight.shape)}")
+    r = weight.shape[-1]
+    if not 0 <= padding < r:
+        raise ValueError(f"padding must be in 0..{r - 1} for a {r}x{r} filter, got {padding!r}")
+    if min(x.shape[-2:]) + 2 * padding < r:
+        raise ValueError(f"x height and width plus padding must be at least {r}, got {tuple(x.shape[-2:])} "
+                         f"and padding {padding}")
+    return _WinogradConv.apply(x, weight, bias, padding)
 
 
 class WinogradConv2d(nn.Conv2d):
@@ -293,9 +306,7 @@ class WinogradConv2d(nn.Conv2d):
         ph, pw = self.padding
         if ph != pw or not fast_path_applies(x, self.weight, ph):
             return super().forward(x)
-        if ph:
-            x = F.pad(x, (pw, pw, ph, ph))
-        return winograd_conv(x, self.weight, self.bias)
+        return winograd_conv(x, self.weight, self.bias, ph)
 
 
 def eligible(conv: nn.Module, min_channels: int) -> bool:
