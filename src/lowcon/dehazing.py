@@ -66,8 +66,8 @@ class DehazeConfig:
     # CPU time: keep freed memory in the process instead of faulting it in again next step
     # (glibc). Off here: AECR-Net's step takes few faults, and its peak rose with it.
     retain_freed_memory: bool = False
-    # CPU memory: Winograd's scratch holds bands of at most this many MB of transformed tiles;
-    # 4 lowers the peak by about 0.06 GB and costs 5-10 % of time (benchmarks/README.md)
+    # CPU memory: Winograd transforms large maps in bands of at most this many MB of transformed
+    # tiles (scratch of one call, freed after it); at 240x240 crops 4 and 16 gave the same peak
     winograd_band_mb: float = 16
     # CPU memory: glibc's per-thread cache of freed small blocks keeps the heap's holes from merging;
     # false turns it off (lowcon train restarts itself with GLIBC_TUNABLES)

@@ -169,7 +169,7 @@ class TranslationConfig:
     # false turns it off (lowcon train restarts itself with GLIBC_TUNABLES): 0.1-0.2 GB lower peak
     malloc_tcache: bool = False
     # CPU time: 3x3 and 4x4 convolutions of >= 64 channels by Winograd (lowcon.models.winograd):
-    # the same function to ~1e-5 relative, a residual block's conv forward + backward 1.6x faster
+    # the same function to ~1e-5 relative, a residual block's conv forward + backward 2x faster
     winograd: bool = True
     # run
     seed: int = 0

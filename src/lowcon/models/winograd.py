@@ -6,15 +6,15 @@ Convolutional Neural Networks", CVPR 2016); so does a 4x4 convolution over 3x3 o
 F(3x3, 4x4) (PatchGAN's layers). Both read 6x6 input tiles and use the interpolation points 0, +-1,
 +-2 and infinity; their matrices come from the Toom-Cook construction (:func:`toom_cook`).
 
-Each of the three steps is one call that BLAS or oneDNN runs near peak on a CPU:
+Each of the three steps is a library call (oneDNN or BLAS) over a whole band of tiles:
 - the input transform is a convolution of every channel with 36 fixed 6x6 kernels at stride
   m (the tile's output size), which reads the tiles in place;
 - the products are 36 batched matrix products, one per Winograd point (channels by channels);
 - the output transform is a (m*m, 36) matrix product, then the tiles are written in place.
 The input and weight gradients are computed in the Winograd domain as well. On this project's
-2-core CPU a 256-channel 64x64 convolution's forward and backward take about 60 % of the time of
-``F.conv2d``'s; see ``benchmarks/README.md``. It is the same function as ``F.conv2d`` with a
-relative error of about 1e-5 instead of 2e-6.
+2-core CPU a 256-channel 64x64 convolution's forward and backward take about half the time of
+``F.conv2d``'s (43 against 90 ms); see ``benchmarks/README.md``. It is the same function as
+``F.conv2d`` with a relative error of about 1e-5 instead of 2e-6.
 
 Large maps are transformed in bands of tile rows, so that the transformed tiles of one band take at
 most ``winograd_band_mb`` (:func:`set_band_size`). Nothing is compiled: it runs wherever torch does.
