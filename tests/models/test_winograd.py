@@ -19,7 +19,7 @@ def _relative(a: torch.Tensor, ref: torch.Tensor) -> float:
 
 
 def test_toom_cook_gives_the_published_matrices():
-    # F(4, 3) with the points 0, +-1, +-2 (Lavin & Gray, CVPR 2016, section 5.2)
+    # F(4, 3) with the points 0, +-1, +-2, as published (Lavin & Gray, CVPR 2016)
     at, g, bt = toom_cook(4, 3)
     assert bt == [[4, 0, -5, 0, 1, 0], [0, -4, -4, 1, 1, 0], [0, 4, -4, -1, 1, 0],
                   [0, -2, -1, 2, 1, 0], [0, 2, -1, -2, 1, 0], [0, 4, 0, -5, 0, 1]]

@@ -41,7 +41,7 @@ TILE = len(POINTS) + 1  # input tile side
 def toom_cook(m: int, r: int, points: tuple = POINTS) -> tuple[list, list, list]:
     """Matrices ``(A^T, G, B^T)`` of Winograd's F(m, r) from the Toom-Cook construction with
     `points` and infinity, as exact fractions: ``A^T ((G g) * (B^T d))`` is the correlation of a
-    length-(m + r - 1) signal `d` with a length-r filter `g`, m outputs (Lavin & Gray, section 4).
+    length-(m + r - 1) signal `d` with a length-r filter `g`, m outputs (Lavin & Gray, CVPR 2016).
 
     Example:
         >>> at, g, bt = toom_cook(2, 3, (0, 1, -1))
