@@ -237,6 +237,16 @@ def test_translate_keeps_sizes_reads_grey_and_rgba_and_reports_bad_files(cut_run
         translate_paths([odd_inputs / "broken.png"], tmp_path / "out2", checkpoint, on_error="raise")
 
 
+def test_translate_applies_the_runs_memory_settings_on_cpu(cut_run, odd_inputs, tmp_path, monkeypatch):
+    import lowcon.translation as translation
+
+    calls = []
+    monkeypatch.setattr(translation, "configure_allocator", lambda *args: calls.append(args))
+    translate_paths([odd_inputs / "rgb.png"], tmp_path / "out", cut_run["dir"] / "last.pt")
+    _, cfg = load_translator(cut_run["dir"] / "last.pt")
+    assert calls == [(cfg.heap_mmap_threshold_mb, cfg.retain_freed_memory)]
+
+
 def test_translate_never_overwrites_its_inputs(cut_run, odd_inputs):
     before = (odd_inputs / "rgb.png").read_bytes()
     with pytest.raises(ValueError, match="overwrite"):

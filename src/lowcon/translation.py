@@ -581,7 +581,9 @@ def translate_paths(
     Any size (the output has the input's size), grey (repeated to RGB) and RGBA (alpha dropped)
     inputs. Images of one size are batched together up to `batch_size`. Files are written
     atomically; an unreadable or too small (< 5 px) file is reported in one line and skipped
-    (``on_error="skip"``) or raised (``"raise"``).
+    (``on_error="skip"``) or raised (``"raise"``). On the CPU the checkpoint's memory settings
+    (``retain_freed_memory``, ``heap_mmap_threshold_mb``) apply to this process, as in training:
+    by default freed memory is kept for the next image instead of being faulted in again.
 
     Returns:
         the written paths, in input order.
@@ -590,7 +592,9 @@ def translate_paths(
     if batch_size < 1:
         raise ValueError(f"batch_size: must be >= 1, got {batch_size}")
     device = auto_device(device) if isinstance(device, str) else device
-    generator, _ = load_translator(checkpoint, device, method=method, direction=direction)
+    generator, cfg = load_translator(checkpoint, device, method=method, direction=direction)
+    if device.type == "cpu":  # the run's memory settings, as in training: by default freed memory
+        configure_allocator(cfg.heap_mmap_threshold_mb, cfg.retain_freed_memory)  # serves the next image
     out_dir = Path(out_dir)
     files = _expand_inputs(inputs, on_error)
     outputs = _output_names(files, out_dir)
