@@ -12,10 +12,12 @@ from PIL import Image
 from lowcon.config import ConfigError, load_config, preset_path
 from lowcon.data.embedded import apply_known_transform, write_embedded_translation_set
 from lowcon.data.io import BadImageWarning, ImageReadError, read_image
+from lowcon.models.winograd import WinogradConv2d
 from lowcon.training.checkpoint import CheckpointError
 from lowcon.translation import (
     CollapseWarning,
     TranslationConfig,
+    build_method,
     collapse_check,
     evaluate_run,
     load_translator,
@@ -194,6 +196,18 @@ def test_sincut_trains_from_two_image_files(data, tmp_path):
     with pytest.raises(ValueError, match="one image per domain"):
         train_translation(tiny_config(data, tmp_path / "sin2", "sincut", data=None, dir_a=str(data["trainA"]),
                                       dir_b=str(data["trainB"])), progress=False)
+
+
+def test_r1_penalty_trains_with_the_winograd_patchgan():
+    # The PatchGAN's 4x4 layers of >= 64 channels run as Winograd, whose backward is
+    # once-differentiable; R1 differentiates D twice, so D(real) must run them directly.
+    cfg = TranslationConfig(method="cut", crop_size=64, ngf=8, n_blocks=1, ndf=64, lambda_R1=1.0)
+    method = build_method(cfg, steps_per_epoch=10)
+    assert sum(type(m) is WinogradConv2d for m in method.D.modules()) == 3
+    gen = torch.Generator().manual_seed(0)
+    logged = method.train_step({"A": torch.rand(1, 3, 64, 64, generator=gen),
+                                "B": torch.rand(1, 3, 64, 64, generator=gen)})
+    assert logged["D_R1"] > 0 and all(np.isfinite(v) for v in logged.values())
 
 
 # -- translating ---------------------------------------------------------------------------------

@@ -4,10 +4,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from lowcon.models import fused as fused_module
+from lowcon.models import winograd
 from lowcon.models.blur import Downsample, Upsample
 from lowcon.models.fused import FusedSpec, NormActConv, ReflectPad, fused_step, norm_act_conv, unfused
 from lowcon.models.patch_discriminator import PatchDiscriminator
-from lowcon.models.winograd import WinogradConv2d
+from lowcon.models.winograd import WinogradConv2d, use_winograd
 
 
 def _plain(h, weight, bias, spec: FusedSpec):
@@ -194,3 +195,25 @@ def test_unfused_gives_a_graph_that_can_be_differentiated_twice():
     minus = penalty((x - eps * direction).detach().requires_grad_())
     torch.testing.assert_close((plus - minus) / (2 * eps), (second * direction).sum(), rtol=1e-5, atol=1e-8)
     assert fused_step(net.model, 1, len(net.model) - 1, set()) is not None  # back on after the block
+
+
+def test_unfused_runs_winograd_layers_directly_for_a_second_derivative(monkeypatch):
+    torch.manual_seed(0)
+    net = PatchDiscriminator(ndf=8)
+    assert use_winograd(net, 8) == 3  # its three inner 4x4 layers
+    x = torch.randn(1, 3, 64, 64, requires_grad=True)  # 31 x 31 outputs: 121 tiles, the fast path
+    calls = []
+    conv = winograd._conv
+    monkeypatch.setattr(winograd, "_conv", lambda *a, **k: calls.append(1) or conv(*a, **k))
+    monkeypatch.setattr(fused_module, "fused_step", lambda *args: None)  # the Winograd layers alone
+    (g,) = torch.autograd.grad(net(x).sum(), x, create_graph=True)
+    assert calls  # Winograd served the layers, and its backward cannot be differentiated again
+    with pytest.raises(RuntimeError, match="once_differentiable"):
+        g.square().sum().backward()
+    calls.clear()
+    with unfused():
+        (g,) = torch.autograd.grad(net(x).sum(), x, create_graph=True)
+    (second,) = torch.autograd.grad(g.square().sum(), x)
+    assert not calls and torch.isfinite(second).all() and second.abs().sum() > 0
+    net(x)
+    assert calls  # back on after the block

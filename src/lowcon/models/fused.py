@@ -29,7 +29,7 @@ from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 
 from lowcon.models.blur import _PAD_MODES, Downsample, Upsample
-from lowcon.models.winograd import WinogradConv2d, conv_backward, fast_path_applies, winograd_conv
+from lowcon.models.winograd import WinogradConv2d, conv_backward, direct, fast_path_applies, winograd_conv
 
 
 @dataclass(frozen=True)
@@ -167,8 +167,9 @@ _state = threading.local()
 
 @contextmanager
 def unfused() -> Iterator[None]:
-    """Inside this block the networks run their plain layers, not :class:`NormActConv`, so that
-    their graph can be differentiated twice (e.g. an R1 penalty, the gradient of a gradient).
+    """Inside this block the networks run their plain layers, not :class:`NormActConv` nor
+    Winograd (:func:`lowcon.models.winograd.direct`), so that their graph can be differentiated
+    twice (e.g. an R1 penalty, the gradient of a gradient).
 
     Example:
         >>> from lowcon.models.patch_discriminator import PatchDiscriminator
@@ -181,7 +182,8 @@ def unfused() -> Iterator[None]:
     previous = fusing()
     _state.off = True
     try:
-        yield
+        with direct():
+            yield
     finally:
         _state.off = not previous
 

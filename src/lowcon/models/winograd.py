@@ -25,6 +25,9 @@ inputs the fast path does not cover (not float32, not on the CPU, under autocast
 from __future__ import annotations
 
 import math
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from fractions import Fraction
 
@@ -246,11 +249,29 @@ class _WinogradConv(torch.autograd.Function):
         return (*conv_backward(grad, x, weight, ctx.padding, need_x, need_w, ctx.has_bias and need_b), None)
 
 
+_state = threading.local()
+
+
+@contextmanager
+def direct() -> Iterator[None]:
+    """Inside this block (in this thread) :class:`WinogradConv2d` layers run ``F.conv2d``, whose
+    graph can be differentiated twice; the Winograd Functions' backward cannot (an R1 penalty needs
+    the gradient of a gradient). :func:`lowcon.models.fused.unfused` enters it too."""
+    previous = getattr(_state, "direct", False)
+    _state.direct = True
+    try:
+        yield
+    finally:
+        _state.direct = previous
+
+
 def fast_path_applies(x: Tensor, weight: Tensor, padding: int = 0, size: tuple[int, int] | None = None) -> bool:
     """Whether :func:`winograd_conv` should serve ``conv2d(x, weight, padding=padding)``: float32
-    on the CPU, outside autocast, a 3x3 or 4x4 filter of one group, padding below the filter's
+    on the CPU, outside autocast and :func:`direct`, a 3x3 or 4x4 filter of one group, padding below the filter's
     size, and at least _MIN_TILES output tiles (fewer make matrix products too small to gain;
     measured in benchmarks/README.md). `size` is the (H, W) the convolution will read when it is not `x`'s own (x is resampled first)."""
+    if getattr(_state, "direct", False):
+        return False
     if not (x.device.type == "cpu" and x.dtype == torch.float32 and weight.dtype == torch.float32
             and x.ndim == 4 and weight.ndim == 4 and weight.shape[-1] in KERNEL_SIZES
             and weight.shape[-2] == weight.shape[-1] and weight.shape[1] == x.shape[1]
