@@ -294,29 +294,20 @@ def _cpu_model() -> str:
     return platform.processor() or "unknown"
 
 
-def _cpu_flags() -> set[str]:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("flags"):
-                return set(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    return set()
-
-
 def machine_info() -> dict:
     """Date (UTC), CPU, core count, thread setting and library versions of this run."""
     import torch
     import torchvision
 
-    flags = _cpu_flags()
+    from lowcon.inference import cpu_has_native_bf16
+
     return {
         "date_utc": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M"),
         "cpu": _cpu_model(),
         "nproc": os.cpu_count(),
         "threads": THREADS,
         "cpu_capability": torch.backends.cpu.get_cpu_capability(),
-        "native_bf16": bool(flags & {"avx512_bf16", "amx_bf16"}),
+        "native_bf16": bool(cpu_has_native_bf16()),
         "python": platform.python_version(),
         "torch": torch.__version__,
         "torchvision": torchvision.__version__,

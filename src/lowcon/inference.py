@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["pad_to_multiple", "run_padded", "run_tiled", "auto_device"]
+__all__ = ["pad_to_multiple", "run_padded", "run_tiled", "auto_device", "cpu_flags", "cpu_has_native_bf16"]
 
 
 def auto_device(name: str = "auto") -> torch.device:
@@ -13,6 +13,25 @@ def auto_device(name: str = "auto") -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(name)
+
+
+def cpu_flags() -> set[str]:
+    """The CPU's feature flags from /proc/cpuinfo (Linux); empty where they cannot be read."""
+    try:
+        with open("/proc/cpuinfo") as info:
+            for line in info:
+                if line.startswith("flags"):
+                    return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+def cpu_has_native_bf16() -> bool | None:
+    """Whether the CPU computes bfloat16 natively (AVX512-BF16 or AMX); None where unknown. Without
+    it, bf16 autocast on the CPU is emulated and slower than float32."""
+    flags = cpu_flags()
+    return bool(flags & {"avx512_bf16", "amx_bf16"}) if flags else None
 
 
 def pad_to_multiple(x: Tensor, multiple: int) -> tuple[Tensor, tuple[int, int]]:

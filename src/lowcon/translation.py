@@ -34,7 +34,7 @@ from torch.utils.data import Dataset, default_collate
 from lowcon.config import ConfigError, from_dict, save_config, to_dict
 from lowcon.data.io import ImageReadError, check_on_error, list_images, read_image, report_bad_image, write_image
 from lowcon.data.unpaired import SingleImagePairDataset, UnpairedDataset, resolve_unpaired_root
-from lowcon.inference import auto_device
+from lowcon.inference import auto_device, cpu_has_native_bf16
 from lowcon.methods.cut import CUT
 from lowcon.methods.cyclegan import CycleGAN
 from lowcon.models.init import init_weights
@@ -171,6 +171,9 @@ class TranslationConfig:
     # CPU time: 3x3 and 4x4 convolutions of >= 64 channels by Winograd (lowcon.models.winograd):
     # the same function to ~1e-5 relative, a residual block's conv forward + backward 2x faster
     winograd: bool = True
+    # time: forward passes and losses in bfloat16 mixed precision (torch.autocast): the fastest
+    # setting on a GPU or a CPU with native bf16 (AMX, AVX512-BF16); emulated, so slow, elsewhere
+    bf16: bool = False
     # run
     seed: int = 0
     run_dir: str = "runs/translation"
@@ -364,7 +367,8 @@ def build_method(cfg: TranslationConfig, steps_per_epoch: int, device: Union[str
     """The :class:`CUT` or :class:`CycleGAN` of `cfg`, networks initialised and on `device`."""
     device = torch.device(device)
     common = dict(gan_mode=cfg.gan_mode, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), n_epochs=cfg.n_epochs,
-                  n_epochs_decay=cfg.n_epochs_decay, steps_per_epoch=steps_per_epoch, direction=cfg.direction)
+                  n_epochs_decay=cfg.n_epochs_decay, steps_per_epoch=steps_per_epoch, direction=cfg.direction,
+                  autocast_dtype=torch.bfloat16 if cfg.bf16 else None)
     if cfg.method == "cyclegan":
         nets = [build_generator(cfg).to(device), build_generator(cfg).to(device),
                 build_discriminator(cfg).to(device), build_discriminator(cfg).to(device)]
@@ -444,6 +448,9 @@ def train_translation(cfg: TranslationConfig, resume: bool = False, progress: bo
     configure_allocator(cfg.heap_mmap_threshold_mb, cfg.retain_freed_memory)
     torch.manual_seed(cfg.seed)
     device = auto_device(cfg.device)
+    if cfg.bf16 and device.type == "cpu" and cpu_has_native_bf16() is False:
+        warnings.warn("bf16: this CPU has no native bfloat16 (AVX512-BF16, AMX); mixed precision is emulated "
+                      "here and slower than float32", stacklevel=2)
     dataset = build_dataset(cfg)
     steps_per_epoch = len(dataset) // cfg.batch_size
     if steps_per_epoch < 1:

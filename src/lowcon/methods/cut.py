@@ -116,7 +116,8 @@ class TranslationMethod(Method):
     """
 
     def __init__(
-        self, *, lr: float, n_epochs: int, n_epochs_decay: int, steps_per_epoch: int, direction: str
+        self, *, lr: float, n_epochs: int, n_epochs_decay: int, steps_per_epoch: int, direction: str,
+        autocast_dtype: Optional[torch.dtype] = None,
     ) -> None:
         super().__init__()
         if direction not in DIRECTIONS:
@@ -131,6 +132,7 @@ class TranslationMethod(Method):
         self.n_epochs, self.n_epochs_decay = n_epochs, n_epochs_decay
         self.steps_per_epoch = steps_per_epoch
         self.direction = direction
+        self.autocast_dtype = autocast_dtype
         self.epoch_end_hooks: list[Callable[[int], None]] = []
         self.visual_hooks: list[Callable[[dict, int], None]] = []
 
@@ -154,6 +156,13 @@ class TranslationMethod(Method):
         if done % self.steps_per_epoch == 0:
             for hook in self.epoch_end_hooks:
                 hook(done // self.steps_per_epoch)
+
+    def _autocast(self) -> torch.autocast:
+        """The networks' forward passes and losses run under this: mixed precision with
+        `autocast_dtype` (e.g. ``torch.bfloat16``), or plain float32 when it is None. Backward runs
+        outside it, as PyTorch recommends; the losses are returned in float32."""
+        return torch.autocast(self.device.type, dtype=self.autocast_dtype or torch.float32,
+                              enabled=self.autocast_dtype is not None)
 
     def _domains(self, batch: dict) -> tuple[Tensor, Tensor]:
         """(real_A, real_B) in [-1, 1] on the method's device, swapped for ``BtoA``."""
@@ -238,9 +247,10 @@ class CUT(TranslationMethod):
         direction: str = "AtoB",
         netF_nc: int = 256,
         init_gain: float = 0.02,
+        autocast_dtype: Optional[torch.dtype] = None,
     ) -> None:
         super().__init__(lr=lr, n_epochs=n_epochs, n_epochs_decay=n_epochs_decay,
-                         steps_per_epoch=steps_per_epoch, direction=direction)
+                         steps_per_epoch=steps_per_epoch, direction=direction, autocast_dtype=autocast_dtype)
         for name, value in (("lambda_GAN", lambda_GAN), ("lambda_NCE", lambda_NCE),
                             ("lambda_R1", lambda_R1), ("lambda_identity", lambda_identity)):
             if value < 0:
@@ -386,7 +396,8 @@ class CUT(TranslationMethod):
     def discriminator_step(self, fake_B: Tensor, real_B: Tensor) -> dict[str, float]:
         set_requires_grad(self.D, True)
         self.optimizers["D"].zero_grad()
-        losses = self.discriminator_losses(fake_B, real_B)
+        with self._autocast():
+            losses = {k: v.float() for k, v in self.discriminator_losses(fake_B, real_B).items()}
         losses["D"].backward()
         self.optimizers["D"].step()
         return {k: float(v.detach()) for k, v in losses.items()}
@@ -396,7 +407,8 @@ class CUT(TranslationMethod):
         try:
             self.optimizers["G"].zero_grad()
             self.optimizers["F"].zero_grad()
-            losses = self.generator_losses(real_A, real_B, passed)
+            with self._autocast():
+                losses = {k: v.float() for k, v in self.generator_losses(real_A, real_B, passed).items()}
             losses["G"].backward()
             self.optimizers["G"].step()
             self.optimizers["F"].step()
@@ -406,7 +418,8 @@ class CUT(TranslationMethod):
 
     def train_step(self, batch: dict) -> dict[str, float]:
         real_A, real_B = self._domains(batch)
-        passed = self.translate_for_training(real_A, real_B)
+        with self._autocast():
+            passed = self.translate_for_training(real_A, real_B)
         logged = self.discriminator_step(passed["fake_B"], real_B)
         logged.update(self.generator_step(real_A, real_B, passed))
         self._finish_step()

@@ -16,7 +16,7 @@ exactly.
 from __future__ import annotations
 
 import itertools
-from typing import Sequence
+from typing import Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -75,9 +75,10 @@ class CycleGAN(TranslationMethod):
         n_epochs_decay: int = 100,
         steps_per_epoch: int = 1,
         direction: str = "AtoB",
+        autocast_dtype: Optional[torch.dtype] = None,
     ) -> None:
         super().__init__(lr=lr, n_epochs=n_epochs, n_epochs_decay=n_epochs_decay,
-                         steps_per_epoch=steps_per_epoch, direction=direction)
+                         steps_per_epoch=steps_per_epoch, direction=direction, autocast_dtype=autocast_dtype)
         for name, value in (("lambda_A", lambda_A), ("lambda_B", lambda_B), ("lambda_identity", lambda_identity)):
             if value < 0:
                 raise ValueError(f"{name}: must be >= 0, got {value}")
@@ -153,7 +154,8 @@ class CycleGAN(TranslationMethod):
         set_requires_grad([self.D_A, self.D_B], False)
         try:
             self.optimizers["G"].zero_grad()
-            losses = self.generator_losses(real_A, real_B, passed)
+            with self._autocast():
+                losses = {k: v.float() for k, v in self.generator_losses(real_A, real_B, passed).items()}
             losses["G"].backward()
             self.optimizers["G"].step()
         finally:
@@ -162,9 +164,11 @@ class CycleGAN(TranslationMethod):
 
     def discriminator_step(self, real_A: Tensor, real_B: Tensor, fake_A: Tensor, fake_B: Tensor) -> dict[str, float]:
         self.optimizers["D"].zero_grad()
-        pooled_B = self.pool_B.query(fake_B)  # D_A's pool first, as the official order of draws
-        pooled_A = self.pool_A.query(fake_A)
-        losses = self.discriminator_losses(real_A, real_B, pooled_A, pooled_B)
+        # D_A's pool first, as the official order of draws; the pools keep float32 images
+        pooled_B = self.pool_B.query(fake_B.float())
+        pooled_A = self.pool_A.query(fake_A.float())
+        with self._autocast():
+            losses = {k: v.float() for k, v in self.discriminator_losses(real_A, real_B, pooled_A, pooled_B).items()}
         # Each D has its own loss; the sum gives each its own gradient (as two backward calls do).
         (losses["D_A"] + losses["D_B"]).backward()
         self.optimizers["D"].step()
@@ -172,7 +176,8 @@ class CycleGAN(TranslationMethod):
 
     def train_step(self, batch: dict) -> dict[str, float]:
         real_A, real_B = self._domains(batch)
-        passed = self.translate_for_training(real_A, real_B)
+        with self._autocast():
+            passed = self.translate_for_training(real_A, real_B)
         logged = self.generator_step(real_A, real_B, passed)
         logged.update(self.discriminator_step(real_A, real_B, passed["fake_A"], passed["fake_B"]))
         self._finish_step()

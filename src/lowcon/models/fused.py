@@ -219,12 +219,12 @@ def fused_step(layers: Sequence[nn.Module], index: int, last: int,
     blur-pool (:class:`Downsample`); a zero-padded ``Conv2d``; an :class:`Upsample` and a
     ``Conv2d``; a ``ReflectionPad2d`` and a ``Conv2d``. It must end at or before `last`, and no
     layer of it but the last may be in `wanted` (their outputs never exist). Never inside
-    :func:`unfused`.
+    :func:`unfused`, nor under autocast (mixed precision runs the plain layers).
 
     Returns:
         ``(index of the run's last layer, function of the run's input)``, or ``None``.
     """
-    if not fusing():
+    if not fusing() or torch.is_autocast_enabled("cpu") or torch.is_autocast_enabled("cuda"):
         return None
     i, eps = index, None
     if _is_instance_norm(layers[i]):
