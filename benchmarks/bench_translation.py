@@ -1,12 +1,15 @@
 """Speed and memory of one training step of CUT, FastCUT and CycleGAN: lowcon, optionally official.
 
     python benchmarks/bench_translation.py [--official DIR] [--repeats N] [--warmup N] \
-        [--out benchmarks/results/translation.json]
+        [--device cuda] [--bf16] [--out benchmarks/results/translation.json]
 
 One step = everything ``train_step`` (lowcon) or ``set_input`` + ``optimize_parameters``
 (official) does for one batch of random 256x256 images, batch 1, with the presets'
 networks (9-block ResNet generator, 3-layer PatchGAN, PatchNCE head of width 256 on 5 layers
 for CUT / FastCUT). Each case runs in a fresh process (see ``common.py``), 2 torch threads.
+With ``--device cuda`` both sides run on the GPU (the official code with ``--gpu_ids 0``), each
+step waits for the GPU, and the report adds the GPU's peak allocated memory; ``--bf16`` runs
+lowcon with ``bf16: true``. (Not yet run on a GPU: none was lent while this was written.)
 
 ``--official DIR`` is a checkout of github.com/taesungp/contrastive-unpaired-translation. Its
 models are built in-process from its own option parser (``--gpu_ids -1``) and driven as its
@@ -51,9 +54,26 @@ def _images(size: int, batch: int) -> dict:
             "B": torch.rand(batch, 3, size, size, generator=gen)}
 
 
+def _timed_steps(step, device: str, repeats: int, warmup: int) -> dict:
+    """`time_repeats` of `step`, waiting for the GPU after each step when `device` is cuda; then
+    the GPU's peak allocated memory (``torch.cuda.max_memory_allocated``) as ``peak_gpu_gb``."""
+    cuda = device.startswith("cuda")
+
+    def synced() -> None:
+        step()
+        if cuda:
+            torch.cuda.synchronize()
+
+    result = time_repeats(synced, repeats, warmup)
+    if cuda:
+        result["peak_gpu_gb"] = torch.cuda.max_memory_allocated() / 1e9
+    return result
+
+
 def train_lowcon(method: str, size: int = 256, batch: int = 1, repeats: int = 5, warmup: int = 2,
                  activation_checkpointing: Optional[bool] = None, heap_mmap_threshold_mb: float = 0,
-                 retain_freed_memory: bool = True, winograd: bool = True, malloc_tcache: bool = False) -> dict:
+                 retain_freed_memory: bool = True, winograd: bool = True, malloc_tcache: bool = False,
+                 device: str = "cpu", bf16: bool = False) -> dict:
     from lowcon.config import load_config, preset_path
     from lowcon.training.memory import configure_allocator, restart_without_malloc_tcache
     from lowcon.translation import TranslationConfig, build_method
@@ -64,17 +84,18 @@ def train_lowcon(method: str, size: int = 256, batch: int = 1, repeats: int = 5,
                                                               "heap_mmap_threshold_mb": heap_mmap_threshold_mb,
                                                               "retain_freed_memory": retain_freed_memory,
                                                               "winograd": winograd,
-                                                              "malloc_tcache": malloc_tcache})
+                                                              "malloc_tcache": malloc_tcache,
+                                                              "bf16": bf16})
     if not cfg.malloc_tcache:  # as `lowcon train` does: this case process starts again with it off
         restart_without_malloc_tcache([sys.executable, *sys.argv])
     configure_allocator(cfg.heap_mmap_threshold_mb, cfg.retain_freed_memory)  # as train_translation does
-    model = build_method(cfg, steps_per_epoch=1000, device="cpu")
-    data = _images(size, batch)
-    return time_repeats(lambda: model.train_step(data), repeats, warmup)
+    model = build_method(cfg, steps_per_epoch=1000, device=device)
+    data = {k: v.to(device) for k, v in _images(size, batch).items()}
+    return _timed_steps(lambda: model.train_step(data), device, repeats, warmup)
 
 
 def train_official(official: str, method: str, size: int = 256, batch: int = 1,
-                   repeats: int = 5, warmup: int = 2) -> dict:
+                   repeats: int = 5, warmup: int = 2, device: str = "cpu") -> dict:
     import numpy as np
 
     root = Path(official)
@@ -87,7 +108,8 @@ def train_official(official: str, method: str, size: int = 256, batch: int = 1,
     torch.manual_seed(0)
     np.random.seed(0)
     checkpoints = tempfile.mkdtemp(prefix="bench_cut_")  # print_options writes its opt file there
-    cmd = (f"--dataroot none --name bench --gpu_ids -1 --checkpoints_dir {checkpoints} "
+    gpu_ids = device.split(":")[1] if ":" in device else "0" if device == "cuda" else "-1"
+    cmd = (f"--dataroot none --name bench --gpu_ids {gpu_ids} --checkpoints_dir {checkpoints} "
            f"--crop_size {size} --load_size {size} --batch_size {batch} {OFFICIAL_ARGS[method]}")
     # Their model option setters call parser.parse_known_args() on sys.argv, not on cmd_line
     # (cut_model.py reads --CUT_mode that way): give sys.argv the same options.
@@ -113,7 +135,7 @@ def train_official(official: str, method: str, size: int = 256, batch: int = 1,
         model.set_input(data)
         model.optimize_parameters()
 
-    return time_repeats(step, repeats, warmup)
+    return _timed_steps(step, device, repeats, warmup)
 
 
 def main(argv: Optional[list[str]] = None) -> dict:
@@ -140,6 +162,10 @@ def main(argv: Optional[list[str]] = None) -> dict:
                    help="lowcon with winograd: false (direct 3x3 convolutions, as before that key)")
     p.add_argument("--malloc-tcache", action="store_true",
                    help="lowcon with malloc_tcache: true (glibc's default; lowcon train turns it off)")
+    p.add_argument("--device", default="cpu",
+                   help="cpu, or cuda / cuda:N for both sides (the official code then runs with --gpu_ids N)")
+    p.add_argument("--bf16", action="store_true",
+                   help="lowcon with bf16: true (bfloat16 autocast; for a GPU or a CPU with native bf16)")
     p.add_argument("--out", default=str(HERE / "results" / "translation.json"))
     args = p.parse_args(argv)
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
@@ -157,10 +183,11 @@ def main(argv: Optional[list[str]] = None) -> dict:
                       dict(method=m, activation_checkpointing=True if args.activation_checkpointing else None,
                            heap_mmap_threshold_mb=args.heap_mmap_threshold_mb,
                            retain_freed_memory=not (args.no_retain_freed_memory or args.heap_mmap_threshold_mb),
-                           winograd=not args.no_winograd, malloc_tcache=args.malloc_tcache, **common), 1800, False))
+                           winograd=not args.no_winograd, malloc_tcache=args.malloc_tcache,
+                           device=args.device, bf16=args.bf16, **common), 1800, False))
         if args.official:
-            specs.append((f"official/{m}", "train_official", dict(official=args.official, method=m, **common),
-                          1800, False))
+            specs.append((f"official/{m}", "train_official",
+                          dict(official=args.official, method=m, device=args.device, **common), 1800, False))
     if args.paired:
         if args.rounds != 1:
             p.error("--paired and --rounds: pick one")
@@ -193,6 +220,8 @@ def report(results: dict) -> str:
         settings.append("winograd: false")
     if a.get("malloc_tcache"):
         settings.append("malloc_tcache: true")
+    if a.get("bf16"):
+        settings.append("bf16: true")
     setting = f"; lowcon with {', '.join(settings)}" if settings else ""
     how = (f"lowcon and official alive side by side and stepped in turn, {a['repeats']} rounds after "
            f"{a['warmup']} warm-up; paired ratio = median (range) over rounds of the two steps' ratio"
@@ -217,6 +246,12 @@ def report(results: dict) -> str:
         row += [fmt(SEED_GPU[m][0], 2), fmt(SEED_GPU[m][1], 2)]
         rows.append(row)
     lines.append(markdown_table(header, rows))
+    if any("peak_gpu_gb" in (r or {}) for r in (*mine_all.values(), *theirs_all.values())):
+        lines += ["", f"GPU peak memory on {a.get('device')} (torch.cuda.max_memory_allocated), GB:"]
+        for m, mine in mine_all.items():
+            theirs = theirs_all.get(m)
+            lines.append(f"- {m}: lowcon {cell(mine, 'peak_gpu_gb')}, official {cell(theirs, 'peak_gpu_gb')}, "
+                         f"ratio {fmt(ratio(mine, theirs, 'peak_gpu_gb'), 2)}")
     if has_off:
         lines += ["", "Targets against the official code (fp32): time <= 0.8x and peak memory <= 0.8x:"]
         for m, mine in mine_all.items():
