@@ -164,6 +164,11 @@ class TranslationMethod(Method):
         return torch.autocast(self.device.type, dtype=self.autocast_dtype or torch.float32,
                               enabled=self.autocast_dtype is not None)
 
+    def _losses(self, compute: Callable[..., dict[str, Tensor]], *args) -> dict[str, Tensor]:
+        """``compute(*args)`` under :meth:`_autocast`, each loss term in float32."""
+        with self._autocast():
+            return {k: v.float() for k, v in compute(*args).items()}
+
     def _domains(self, batch: dict) -> tuple[Tensor, Tensor]:
         """(real_A, real_B) in [-1, 1] on the method's device, swapped for ``BtoA``."""
         key_a, key_b = ("A", "B") if self.direction == "AtoB" else ("B", "A")
@@ -396,8 +401,7 @@ class CUT(TranslationMethod):
     def discriminator_step(self, fake_B: Tensor, real_B: Tensor) -> dict[str, float]:
         set_requires_grad(self.D, True)
         self.optimizers["D"].zero_grad()
-        with self._autocast():
-            losses = {k: v.float() for k, v in self.discriminator_losses(fake_B, real_B).items()}
+        losses = self._losses(self.discriminator_losses, fake_B, real_B)
         losses["D"].backward()
         self.optimizers["D"].step()
         return {k: float(v.detach()) for k, v in losses.items()}
@@ -407,8 +411,7 @@ class CUT(TranslationMethod):
         try:
             self.optimizers["G"].zero_grad()
             self.optimizers["F"].zero_grad()
-            with self._autocast():
-                losses = {k: v.float() for k, v in self.generator_losses(real_A, real_B, passed).items()}
+            losses = self._losses(self.generator_losses, real_A, real_B, passed)
             losses["G"].backward()
             self.optimizers["G"].step()
             self.optimizers["F"].step()

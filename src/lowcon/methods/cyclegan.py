@@ -154,8 +154,7 @@ class CycleGAN(TranslationMethod):
         set_requires_grad([self.D_A, self.D_B], False)
         try:
             self.optimizers["G"].zero_grad()
-            with self._autocast():
-                losses = {k: v.float() for k, v in self.generator_losses(real_A, real_B, passed).items()}
+            losses = self._losses(self.generator_losses, real_A, real_B, passed)
             losses["G"].backward()
             self.optimizers["G"].step()
         finally:
@@ -167,8 +166,7 @@ class CycleGAN(TranslationMethod):
         # D_A's pool first, as the official order of draws; the pools keep float32 images
         pooled_B = self.pool_B.query(fake_B.float())
         pooled_A = self.pool_A.query(fake_A.float())
-        with self._autocast():
-            losses = {k: v.float() for k, v in self.discriminator_losses(real_A, real_B, pooled_A, pooled_B).items()}
+        losses = self._losses(self.discriminator_losses, real_A, real_B, pooled_A, pooled_B)
         # Each D has its own loss; the sum gives each its own gradient (as two backward calls do).
         (losses["D_A"] + losses["D_B"]).backward()
         self.optimizers["D"].step()

@@ -179,18 +179,20 @@ def unfused() -> Iterator[None]:
         >>> g.requires_grad
         True
     """
-    previous = fusing()
+    previous = getattr(_state, "off", False)
     _state.off = True
     try:
         with direct():
             yield
     finally:
-        _state.off = not previous
+        _state.off = previous
 
 
 def fusing() -> bool:
-    """False inside :func:`unfused` (in this thread)."""
-    return not getattr(_state, "off", False)
+    """Whether runs train fused here: autograd on, outside :func:`unfused` (in this thread) and
+    outside autocast (mixed precision runs the plain layers)."""
+    return (torch.is_grad_enabled() and not getattr(_state, "off", False)
+            and not torch.is_autocast_enabled("cpu") and not torch.is_autocast_enabled("cuda"))
 
 
 def _is_instance_norm(layer: nn.Module) -> bool:
@@ -218,13 +220,13 @@ def fused_step(layers: Sequence[nn.Module], index: int, last: int,
     The run is [instance norm (optional)], ReLU or LeakyReLU, then one of: a reflect-padded
     blur-pool (:class:`Downsample`); a zero-padded ``Conv2d``; an :class:`Upsample` and a
     ``Conv2d``; a ``ReflectionPad2d`` and a ``Conv2d``. It must end at or before `last`, and no
-    layer of it but the last may be in `wanted` (their outputs never exist). Never inside
-    :func:`unfused`, nor under autocast (mixed precision runs the plain layers).
+    layer of it but the last may be in `wanted` (their outputs never exist). Only where
+    :func:`fusing`.
 
     Returns:
         ``(index of the run's last layer, function of the run's input)``, or ``None``.
     """
-    if not fusing() or torch.is_autocast_enabled("cpu") or torch.is_autocast_enabled("cuda"):
+    if not fusing():
         return None
     i, eps = index, None
     if _is_instance_norm(layers[i]):
@@ -252,13 +254,13 @@ def fused_step(layers: Sequence[nn.Module], index: int, last: int,
     return i, lambda h: norm_act_conv(h, conv, spec)
 
 
-def layer_steps(layers: Sequence[nn.Module], last: int, wanted: set[int] = frozenset(),
-                fuse: bool = True) -> Iterator[tuple[int, Callable[[Tensor], Tensor]]]:
+def layer_steps(layers: Sequence[nn.Module], last: int,
+                wanted: set[int] = frozenset()) -> Iterator[tuple[int, Callable[[Tensor], Tensor]]]:
     """The steps that run ``layers[:last + 1]`` in order: ``(index of the step's last layer,
-    function)``, a fused run where :func:`fused_step` finds one (with `fuse`), else the layer."""
+    function)``, a fused run where :func:`fused_step` finds one, else the layer."""
     index = 0
     while index <= last:
-        run = fused_step(layers, index, last, wanted) if fuse else None
+        run = fused_step(layers, index, last, wanted)
         index, step = run if run is not None else (index, layers[index])
         yield index, step
         index += 1

@@ -16,7 +16,6 @@ Note: the official CUT code also has a class named ``PatchDiscriminator`` that c
 """
 from __future__ import annotations
 
-import torch
 from torch import Tensor, nn
 
 from lowcon.models.blur import Downsample
@@ -86,7 +85,6 @@ class PatchDiscriminator(nn.Module):
             raise ValueError(f"x must have shape (B, {self.in_channels}, H, W), got {tuple(x.shape)}")
         # Training: each [norm], LeakyReLU, blur-pool or conv runs as one NormActConv, which keeps
         # only its input for backward (lowcon.models.fused); the same values and gradients.
-        fuse = torch.is_grad_enabled() and not torch.is_autocast_enabled(x.device.type)
-        for _, step in layer_steps(self.model, len(self.model) - 1, fuse=fuse):
+        for _, step in layer_steps(self.model, len(self.model) - 1):
             x = step(x)
         return x

@@ -88,7 +88,7 @@ class ResnetBlock(nn.Module):
         self.fused = norm == "instance" and padding == "reflect" and not dropout
 
     def forward(self, x: Tensor) -> Tensor:
-        if self.fused and fusing() and torch.is_grad_enabled() and not torch.is_autocast_enabled(x.device.type):
+        if self.fused and fusing():
             pad, conv1, norm1, _, _, conv2, norm2 = self.conv_block
             return x + norm2(norm_act_conv(conv1(pad(x)), conv2, FusedSpec(norm1.eps, pre=ReflectPad(1))))
         return x + self.conv_block(x)
@@ -198,9 +198,8 @@ class ResnetGenerator(FeatureGenerator):
     def _run(self, x: Tensor, layers: tuple[int, ...], last: int) -> tuple[Tensor, list[Tensor]]:
         wanted, found = set(layers), {}
         recompute = self.checkpoint_blocks and torch.is_grad_enabled()
-        fuse = torch.is_grad_enabled() and not torch.is_autocast_enabled(x.device.type)
         # A fused run's inner layers have no output: only its last one's (see fused_step).
-        for index, step in layer_steps(self.model, last, wanted, fuse):
+        for index, step in layer_steps(self.model, last, wanted):
             if recompute and isinstance(step, ResnetBlock):
                 x = checkpoint(step, x, use_reentrant=False)
             else:
