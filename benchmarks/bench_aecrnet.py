@@ -123,10 +123,10 @@ def train_lowcon(size: int = 240, batch: int = 2, beta: float = 0.1, channels_la
     from lowcon.models.aecrnet import AECRNet
     from lowcon.models.winograd import set_band_size, use_winograd
 
-    from lowcon.training.memory import configure_allocator, restart_without_malloc_tcache
+    from lowcon.training.memory import configure_allocator, restart_with_process_settings
 
-    if not malloc_tcache:  # as `lowcon train` does: this case process starts again with it off
-        restart_without_malloc_tcache([sys.executable, *sys.argv])
+    # as `lowcon train` does: this case process starts again with the tcache off
+    restart_with_process_settings([sys.executable, *sys.argv], malloc_tcache=malloc_tcache)
     configure_allocator(heap_mmap_threshold_mb, retain_freed_memory)  # as lowcon.dehazing.train_dehaze does
     set_band_size(winograd_band_mb)
     torch.manual_seed(0)

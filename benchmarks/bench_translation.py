@@ -73,9 +73,9 @@ def _timed_steps(step, device: str, repeats: int, warmup: int) -> dict:
 def train_lowcon(method: str, size: int = 256, batch: int = 1, repeats: int = 5, warmup: int = 2,
                  activation_checkpointing: Optional[bool] = None, heap_mmap_threshold_mb: float = 0,
                  retain_freed_memory: bool = True, winograd: bool = True, malloc_tcache: bool = False,
-                 device: str = "cpu", bf16: bool = False) -> dict:
+                 nnpack: bool = True, device: str = "cpu", bf16: bool = False) -> dict:
     from lowcon.config import load_config, preset_path
-    from lowcon.training.memory import configure_allocator, restart_without_malloc_tcache
+    from lowcon.training.memory import configure_allocator, restart_with_process_settings
     from lowcon.translation import TranslationConfig, build_method
 
     torch.manual_seed(0)
@@ -84,10 +84,13 @@ def train_lowcon(method: str, size: int = 256, batch: int = 1, repeats: int = 5,
                                                               "heap_mmap_threshold_mb": heap_mmap_threshold_mb,
                                                               "retain_freed_memory": retain_freed_memory,
                                                               "winograd": winograd,
+                                                              "nnpack": nnpack,
                                                               "malloc_tcache": malloc_tcache,
                                                               "bf16": bf16})
-    if not cfg.malloc_tcache:  # as `lowcon train` does: this case process starts again with it off
-        restart_without_malloc_tcache([sys.executable, *sys.argv])
+    # as `lowcon train` does: this case process starts again with the tcache off and OpenMP
+    # spinning briefly (for NNPACK)
+    restart_with_process_settings([sys.executable, *sys.argv], malloc_tcache=cfg.malloc_tcache,
+                                  brief_openmp_spin=cfg.nnpack)
     configure_allocator(cfg.heap_mmap_threshold_mb, cfg.retain_freed_memory)  # as train_translation does
     model = build_method(cfg, steps_per_epoch=1000, device=device)
     data = {k: v.to(device) for k, v in _images(size, batch).items()}
@@ -158,6 +161,8 @@ def main(argv: Optional[list[str]] = None) -> dict:
                         "turns retain_freed_memory off)")
     p.add_argument("--no-retain-freed-memory", action="store_true",
                    help="lowcon cases with retain_freed_memory: false (glibc gives freed memory back, as by default)")
+    p.add_argument("--no-nnpack", action="store_true",
+                   help="lowcon with nnpack: false (lowcon's own Winograd transforms everywhere)")
     p.add_argument("--no-winograd", action="store_true",
                    help="lowcon with winograd: false (direct 3x3 convolutions, as before that key)")
     p.add_argument("--malloc-tcache", action="store_true",
@@ -184,6 +189,7 @@ def main(argv: Optional[list[str]] = None) -> dict:
                            heap_mmap_threshold_mb=args.heap_mmap_threshold_mb,
                            retain_freed_memory=not (args.no_retain_freed_memory or args.heap_mmap_threshold_mb),
                            winograd=not args.no_winograd, malloc_tcache=args.malloc_tcache,
+                           nnpack=not args.no_nnpack,
                            device=args.device, bf16=args.bf16, **common), 1800, False))
         if args.official:
             specs.append((f"official/{m}", "train_official",
@@ -218,6 +224,8 @@ def report(results: dict) -> str:
         settings.append("retain_freed_memory: false")
     if a.get("no_winograd"):
         settings.append("winograd: false")
+    if a.get("no_nnpack"):
+        settings.append("nnpack: false")
     if a.get("malloc_tcache"):
         settings.append("malloc_tcache: true")
     if a.get("bf16"):

@@ -38,11 +38,14 @@ def cmd_train(args) -> int:
         overrides["data"] = None  # two domain folders replace the preset's data root
     method = overrides.get("method") or read_yaml(path).get("method", "aecrnet")
     cfg = load_config(_config_class(method), path, overrides)
-    if not cfg.malloc_tcache and getattr(args, "restartable", False):
-        from .training.memory import restart_without_malloc_tcache
+    brief_spin = bool(getattr(cfg, "nnpack", False))
+    if (not cfg.malloc_tcache or brief_spin) and getattr(args, "restartable", False):
+        from .training.memory import restart_with_process_settings
 
-        # glibc reads this only at start: run this same command again with it (nothing written yet)
-        restart_without_malloc_tcache([sys.executable, "-m", "lowcon", *args.argv])
+        # glibc and OpenMP read these only at start: run this same command again with them
+        # (nothing written yet)
+        restart_with_process_settings([sys.executable, "-m", "lowcon", *args.argv],
+                                      malloc_tcache=cfg.malloc_tcache, brief_openmp_spin=brief_spin)
     if method in DEHAZE_METHODS:
         from .dehazing import train_dehaze
 
@@ -112,8 +115,21 @@ def cmd_dehaze(args) -> int:
     return 0
 
 
+def _restart_for_nnpack(args) -> None:
+    """Run this same command again with OpenMP spinning briefly, so that the translation
+    networks' NNPACK layers (config key ``nnpack``) serve (lowcon.models.winograd); only from a
+    real command line, before anything is written."""
+    if getattr(args, "restartable", False):
+        from .training.memory import restart_with_process_settings
+
+        restart_with_process_settings([sys.executable, "-m", "lowcon", *args.argv], malloc_tcache=True,
+                                      brief_openmp_spin=True)
+
+
 def cmd_translate(args) -> int:
     from .translation import translate_paths
+
+    _restart_for_nnpack(args)
 
     written = translate_paths(args.inputs, args.output, args.checkpoint, device=args.device,
                               batch_size=args.batch_size, direction=args.direction, on_error=args.on_error)
@@ -138,6 +154,7 @@ def cmd_demo(args) -> int:
     else:
         from .translation import demo_translation
 
+        _restart_for_nnpack(args)
         report = demo_translation(args.out or "runs/demo-translate", minutes=args.minutes, progress=not args.quiet)
     print(Path(report).read_text())
     print(f"report: {report}")

@@ -40,7 +40,7 @@ from lowcon.methods.cyclegan import CycleGAN
 from lowcon.models.init import init_weights
 from lowcon.models.patch_discriminator import PatchDiscriminator
 from lowcon.models.resnet_generator import ResnetGenerator
-from lowcon.models.winograd import use_winograd
+from lowcon.models.winograd import set_nnpack, use_nnpack, use_winograd
 from lowcon.models.stylegan2 import (
     StyleGAN2Discriminator,
     StyleGAN2Generator,
@@ -171,6 +171,10 @@ class TranslationConfig:
     # CPU time: 3x3 and 4x4 convolutions of >= 64 channels by Winograd (lowcon.models.winograd):
     # the same function to ~1e-5 relative, a residual block's conv forward + backward 2x faster
     winograd: bool = True
+    # CPU time: the forward pass and input gradient of those convolutions and of the 7x7 ones, on
+    # maps of 56x56 or more, by NNPACK's kernels (inside torch), used when OpenMP's idle threads
+    # spin briefly: lowcon train restarts itself with GOMP_SPINCOUNT=20000 (lowcon.models.winograd)
+    nnpack: bool = True
     # time: forward passes and losses in bfloat16 mixed precision (torch.autocast): the fastest
     # setting on a GPU or a CPU with native bf16 (AMX, AVX512-BF16); emulated, so slow, elsewhere
     bf16: bool = False
@@ -344,6 +348,8 @@ def _generator_network(cfg: TranslationConfig, checkpoint_blocks: bool = False) 
     )
     if cfg.winograd:
         use_winograd(net, WINOGRAD_MIN_CHANNELS)
+    if cfg.nnpack:
+        use_nnpack(net)  # the 7x7 convolutions
     return net
 
 
@@ -364,8 +370,10 @@ def build_discriminator(cfg: TranslationConfig) -> nn.Module:
 
 
 def build_method(cfg: TranslationConfig, steps_per_epoch: int, device: Union[str, torch.device] = "cpu"):
-    """The :class:`CUT` or :class:`CycleGAN` of `cfg`, networks initialised and on `device`."""
+    """The :class:`CUT` or :class:`CycleGAN` of `cfg`, networks initialised and on `device`.
+    Also turns NNPACK on or off for this process as `cfg` says (``nnpack``)."""
     device = torch.device(device)
+    set_nnpack(cfg.nnpack)
     common = dict(gan_mode=cfg.gan_mode, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), n_epochs=cfg.n_epochs,
                   n_epochs_decay=cfg.n_epochs_decay, steps_per_epoch=steps_per_epoch, direction=cfg.direction,
                   autocast_dtype=torch.bfloat16 if cfg.bf16 else None)
@@ -533,6 +541,7 @@ def load_translator(
     if key not in weights:
         raise CheckpointError(f"{path}: no {key} weights (has {sorted(weights)})")
     generator = _generator_network(cfg)  # a saved config without netG (older lowcon) gets the resnet default
+    set_nnpack(cfg.nnpack)
     try:
         generator.load_state_dict(weights[key])
     except RuntimeError as err:

@@ -211,3 +211,167 @@ def test_keeps_only_the_unpadded_input_and_weight_for_backward():
     xd, wd = x.detach().double().requires_grad_(), conv.weight.detach().double().requires_grad_()
     F.conv2d(xd, wd, padding=1).square().sum().backward()
     assert _relative(x.grad, xd.grad) < 2e-5 and _relative(conv.weight.grad, wd.grad) < 2e-5
+
+
+# -- NNPACK for the forward pass and the input gradient of large maps -------------------------------
+
+needs_nnpack = pytest.mark.skipif(not wg.nnpack_works(), reason="this torch build has no working NNPACK")
+
+
+@pytest.fixture
+def nnpack_on(monkeypatch):
+    """NNPACK turned on, OpenMP said to spin briefly, and a count of the NNPACK calls."""
+    monkeypatch.setattr(wg, "_NNPACK_WANTED", True)
+    monkeypatch.setenv("GOMP_SPINCOUNT", "20000")
+    calls = []
+    real = wg._nnpack_conv
+    monkeypatch.setattr(wg, "_nnpack_conv", lambda *a: calls.append(a[0].shape) or real(*a))
+    return calls
+
+
+@needs_nnpack
+@pytest.mark.parametrize("b, r, padding", [(1, 3, 1), (2, 3, 0), (2, 4, 1), (1, 4, 0)])
+def test_nnpack_values_and_gradients_match_float64_direct_convolution(nnpack_on, b, r, padding):
+    gen = torch.Generator().manual_seed(10 * r + padding)
+    x = torch.randn(b, 6, 61, 64, dtype=torch.float64, generator=gen)
+    w = torch.randn(5, 6, r, r, dtype=torch.float64, generator=gen)
+    bias = torch.randn(5, dtype=torch.float64, generator=gen)
+    xs, ws, bs = (t.float().requires_grad_() for t in (x, w, bias))
+    y = winograd_conv(xs, ws, bs, padding)
+    grad = torch.randn(y.shape, dtype=torch.float64, generator=gen)
+    y.backward(grad.float())
+    # the forward pass and the input gradient went through NNPACK
+    assert nnpack_on == [(b, 6, 61, 64), y.shape]
+    xd, wd, bd = (t.clone().requires_grad_() for t in (x, w, bias))
+    ref = F.conv2d(xd, wd, bd, padding=padding)
+    ref.backward(grad)
+    assert y.shape == ref.shape
+    # NNPACK's F(6x6, 3x3) and FFT: about 1e-5 relative here
+    assert _relative(y, ref) < 5e-5
+    assert _relative(xs.grad, xd.grad) < 5e-5
+    assert _relative(ws.grad, wd.grad) < 2e-5  # lowcon's own transforms
+    assert _relative(bs.grad, bd.grad) < 1e-5
+
+
+@needs_nnpack
+def test_nnpack_serves_only_large_maps_and_only_when_openmp_spins_briefly(nnpack_on, monkeypatch):
+    small = torch.randn(1, 4, wg.NNPACK_MIN_SIDE - 1, 80, requires_grad=True)
+    winograd_conv(small, torch.randn(3, 4, 3, 3), padding=1).sum().backward()
+    assert nnpack_on == []  # 55 rows: lowcon's transforms, forward and backward
+    too_large = torch.randn(1, 4, 513, 512)  # above NNPACK_MAX_PIXELS: its scratch would grow with it
+    winograd_conv(too_large, torch.randn(3, 4, 3, 3), padding=1)
+    assert nnpack_on == []
+    large = torch.randn(1, 4, wg.NNPACK_MIN_SIDE, 80)
+    winograd_conv(large, torch.randn(3, 4, 3, 3), padding=1)
+    assert len(nnpack_on) == 1
+    monkeypatch.setenv("GOMP_SPINCOUNT", "300000")  # OpenMP's default spinning: the pools compete
+    winograd_conv(large, torch.randn(3, 4, 3, 3), padding=1)
+    assert len(nnpack_on) == 1
+    monkeypatch.setenv("GOMP_SPINCOUNT", "20000")
+    wg.set_nnpack(False)
+    winograd_conv(large, torch.randn(3, 4, 3, 3), padding=1)
+    assert len(nnpack_on) == 1
+
+
+@pytest.mark.parametrize("env, brief", [
+    ({}, False), ({"GOMP_SPINCOUNT": "20000"}, True), ({"GOMP_SPINCOUNT": "100000"}, True),
+    ({"GOMP_SPINCOUNT": "300000"}, False), ({"GOMP_SPINCOUNT": "infinity"}, False),
+    ({"OMP_WAIT_POLICY": "PASSIVE"}, True), ({"OMP_WAIT_POLICY": "active"}, False),
+])
+def test_openmp_spins_briefly_reads_the_environment(env, brief):
+    assert wg.openmp_spins_briefly(env) is brief
+
+
+def test_without_nnpack_in_torch_the_own_transforms_run(monkeypatch):
+    monkeypatch.setattr(wg, "_nnpack_state", {})
+    monkeypatch.setattr(torch, "_nnpack_available", lambda: False)
+    assert wg.nnpack_works() is False
+    monkeypatch.setattr(wg, "_NNPACK_WANTED", True)
+    monkeypatch.setenv("GOMP_SPINCOUNT", "20000")
+    assert wg.nnpack_usable() is False
+    x = torch.randn(1, 4, 64, 64)
+    w = torch.randn(3, 4, 3, 3)
+    assert _relative(winograd_conv(x, w, padding=1), F.conv2d(x.double(), w.double(), padding=1)) < 2e-5
+
+
+def test_translation_configs_turn_nnpack_on_and_off(monkeypatch):
+    from lowcon.translation import TranslationConfig, build_method
+
+    monkeypatch.setattr(wg, "_NNPACK_WANTED", False)
+    small = dict(method="fastcut", ngf=8, ndf=8, n_blocks=1, nce_layers=(0, 4))
+    build_method(TranslationConfig(**small), steps_per_epoch=1)
+    assert wg._NNPACK_WANTED is True
+    build_method(TranslationConfig(**small, nnpack=False), steps_per_epoch=1)
+    assert wg._NNPACK_WANTED is False
+    # the 7x7 convolutions are switched whatever `winograd` says, and only with `nnpack`
+    method = build_method(TranslationConfig(**small, winograd=False), steps_per_epoch=1)
+    assert wg._NNPACK_WANTED is True
+    assert sum(type(m) is wg.NNPACKConv2d for m in method.G.modules()) == 2
+    assert sum(type(m) is wg.WinogradConv2d for m in method.G.modules()) == 0
+    method = build_method(TranslationConfig(**small, nnpack=False), steps_per_epoch=1)
+    assert sum(type(m) is wg.NNPACKConv2d for m in method.G.modules()) == 0
+
+
+@needs_nnpack
+@pytest.mark.parametrize("c, o, padding, bias", [(3, 5, 0, True), (6, 3, 3, False)])
+def test_nnpack_7x7_values_and_gradients_match_float64_direct_convolution(nnpack_on, c, o, padding, bias):
+    gen = torch.Generator().manual_seed(c + padding)
+    x = torch.randn(2, c, 64, 62, dtype=torch.float64, generator=gen)
+    w = torch.randn(o, c, 7, 7, dtype=torch.float64, generator=gen)
+    b = torch.randn(o, dtype=torch.float64, generator=gen) if bias else None
+    conv = nn.Conv2d(c, o, 7, padding=padding, bias=bias)
+    with torch.no_grad():
+        conv.weight.copy_(w)
+        if bias:
+            conv.bias.copy_(b)
+    assert wg.use_nnpack(nn.Sequential(conv)) == 1 and type(conv) is wg.NNPACKConv2d
+    xs = x.float().requires_grad_()
+    y = conv(xs)
+    grad = torch.randn(y.shape, dtype=torch.float64, generator=gen)
+    y.backward(grad.float())
+    assert nnpack_on == [xs.shape, y.shape]  # the forward pass and the input gradient
+    xd, wd = x.clone().requires_grad_(), w.clone().requires_grad_()
+    bd = b.clone().requires_grad_() if bias else None
+    ref = F.conv2d(xd, wd, bd, padding=padding)
+    ref.backward(grad)
+    assert _relative(y, ref) < 2e-5
+    assert _relative(xs.grad, xd.grad) < 2e-5
+    assert _relative(conv.weight.grad, wd.grad) < 2e-5
+    if bias:
+        assert _relative(conv.bias.grad, bd.grad) < 1e-5
+
+
+def test_use_nnpack_switches_only_large_stride_1_filters(monkeypatch):
+    monkeypatch.setattr(wg, "_NNPACK_WANTED", False)
+    net = nn.Sequential(nn.Conv2d(3, 8, 7), nn.Conv2d(8, 8, 7, stride=2), nn.Conv2d(8, 8, 3),
+                        nn.Conv2d(8, 8, 5, groups=2), nn.Conv2d(8, 8, 5, padding=2, padding_mode="reflect"),
+                        nn.Conv2d(8, 3, 5))
+    assert wg.use_nnpack(net) == 2
+    assert [type(m) is wg.NNPACKConv2d for m in net] == [True, False, False, False, False, True]
+    # Without NNPACK usable (here: not turned on) the layer is nn.Conv2d's own.
+    x = torch.randn(1, 3, 60, 60)
+    assert torch.equal(net[0](x), F.conv2d(x, net[0].weight, net[0].bias))
+
+
+@needs_nnpack
+def test_a_generator_trains_the_same_through_nnpack(nnpack_on, monkeypatch):
+    # The fused runs (the last 7x7 convolution after its reflection pad) and the plain 7x7 and
+    # 3x3 layers through NNPACK: the same output and gradients as the plain layers, to float32.
+    from lowcon.models.resnet_generator import ResnetGenerator
+
+    torch.manual_seed(0)
+    plain = ResnetGenerator(ngf=8, n_blocks=1, nce_layers=(0, 4))
+    fast = ResnetGenerator(ngf=8, n_blocks=1, nce_layers=(0, 4))
+    fast.load_state_dict(plain.state_dict())
+    assert use_winograd(fast, 8) > 0 and wg.use_nnpack(fast) == 2
+    x = torch.randn(1, 3, 64, 64)
+    grads = []
+    for net in (plain, fast):
+        y = net(x)
+        (y * torch.linspace(-1, 1, y.numel()).view_as(y)).sum().backward()
+        grads.append((y.detach(), torch.cat([p.grad.flatten() for p in net.parameters()])))
+    assert len(nnpack_on) > 4  # forward passes and input gradients of the 7x7 and the 64x64 3x3 layers
+    assert _relative(grads[1][0], grads[0][0].double()) < 1e-4
+    # all parameters' gradients as one vector: the biases before instance norm have a gradient
+    # of zero but for rounding, so each on its own would compare noise with noise
+    assert _relative(grads[1][1], grads[0][1].double()) < 1e-4

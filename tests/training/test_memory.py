@@ -102,12 +102,12 @@ def test_config_keys_are_validated():
     assert DehazeConfig().retain_freed_memory is False
 
 
-# Restarts itself through restart_without_malloc_tcache; the restarted run prints what it sees.
+# Restarts itself through restart_with_process_settings; the restarted run prints what it sees.
 RESTART = """
 import os, sys
-from lowcon.training.memory import malloc_tcache_disabled, restart_without_malloc_tcache
+from lowcon.training.memory import malloc_tcache_disabled, restart_with_process_settings
 print("run", malloc_tcache_disabled(), os.environ.get("GLIBC_TUNABLES", ""), flush=True)
-restart_without_malloc_tcache([sys.executable, "-c", sys.argv[1] if len(sys.argv) > 1 else __doc__, *sys.argv[1:]])
+restart_with_process_settings([sys.executable, "-c", sys.argv[1] if len(sys.argv) > 1 else __doc__, *sys.argv[1:]])
 """
 
 
@@ -127,6 +127,34 @@ def test_a_process_restarts_once_with_the_tcache_off(env, runs):
              if k not in ("GLIBC_TUNABLES", "LOWCON_NO_RESTART", "LOWCON_MALLOC_RESTARTED")}
     done = subprocess.run([sys.executable, "-c", RESTART, RESTART], capture_output=True, text=True, timeout=120,
                           env={**clean, **env})
+    assert done.returncode == 0, done.stderr
+    assert [line.rstrip() for line in done.stdout.splitlines()] == [r.rstrip() for r in runs]
+
+
+# Asks for brief OpenMP spinning (and keeps the tcache); the restarted run prints what it sees.
+RESTART_SPIN = """
+import os, sys
+from lowcon.training.memory import restart_with_process_settings
+print("run", os.environ.get("GOMP_SPINCOUNT"), os.environ.get("GLIBC_TUNABLES", ""), flush=True)
+restart_with_process_settings([sys.executable, "-c", sys.argv[1], *sys.argv[1:]], malloc_tcache=True,
+                              brief_openmp_spin=True)
+"""
+
+
+@pytest.mark.parametrize("env, runs", [
+    ({}, ["run None ", "run 20000 "]),
+    # a spin setting of the user's own is kept, and then nothing needs a restart
+    ({"GOMP_SPINCOUNT": "5000"}, ["run 5000 "]),
+    ({"OMP_WAIT_POLICY": "passive"}, ["run None "]),
+])
+def test_a_process_restarts_once_with_openmp_spinning_briefly(env, runs):
+    import os
+
+    clean = {k: v for k, v in os.environ.items()
+             if k not in ("GLIBC_TUNABLES", "LOWCON_NO_RESTART", "LOWCON_MALLOC_RESTARTED", "GOMP_SPINCOUNT",
+                          "OMP_WAIT_POLICY")}
+    done = subprocess.run([sys.executable, "-c", RESTART_SPIN, RESTART_SPIN], capture_output=True, text=True,
+                          timeout=120, env={**clean, **env})
     assert done.returncode == 0, done.stderr
     assert [line.rstrip() for line in done.stdout.splitlines()] == [r.rstrip() for r in runs]
 
@@ -160,3 +188,23 @@ def test_translation_does_not_load_torchvision():
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "False"
+
+
+def test_translate_restarts_with_openmp_spinning_briefly(monkeypatch):
+    # `lowcon translate` (and the translation demo) start again so that NNPACK serves; the
+    # allocator's tcache is left as it is.
+    import os
+    from types import SimpleNamespace
+
+    from lowcon import cli
+
+    for key in ("GOMP_SPINCOUNT", "OMP_WAIT_POLICY", "LOWCON_NO_RESTART", "LOWCON_MALLOC_RESTARTED", "GLIBC_TUNABLES"):
+        monkeypatch.delenv(key, raising=False)
+    seen = []
+    monkeypatch.setattr(os, "execve", lambda path, argv, env: seen.append((argv, env)))
+    cli._restart_for_nnpack(SimpleNamespace(restartable=False, argv=["translate", "in", "-o", "out"]))
+    assert seen == []  # main(argv) from a caller's process never restarts
+    cli._restart_for_nnpack(SimpleNamespace(restartable=True, argv=["translate", "in", "-o", "out"]))
+    (argv, env), = seen
+    assert argv == [sys.executable, "-m", "lowcon", "translate", "in", "-o", "out"]
+    assert env["GOMP_SPINCOUNT"] == "20000" and "GLIBC_TUNABLES" not in env

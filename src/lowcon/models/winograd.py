@@ -18,6 +18,20 @@ The input and weight gradients are computed in the Winograd domain as well. On t
 
 Large maps are transformed in bands of tile rows, so that the transformed tiles of one band take at
 most ``winograd_band_mb`` (:func:`set_band_size`). Nothing is compiled: it runs wherever torch does.
+
+Where it is faster, the forward pass and the input gradient run NNPACK's fused kernels instead
+(:func:`set_nnpack`, off unless a caller turns it on; the translation configs' ``nnpack`` key): a
+hand-written AVX2 library of Winograd F(6x6, 3x3) and FFT convolutions that ships inside torch
+(``torch._nnpack_spatial_convolution``; torch itself uses it for inference only). It is faster on
+outputs of 56x56 and more (1.2-3x per layer, ``benchmarks/bench_conv.py``) and slower on smaller
+ones, which keep lowcon's own transforms, as do outputs of more than 512x512 pixels (NNPACK's
+scratch grows with the image); the weight gradient always does (NNPACK's is not in
+torch). :class:`NNPACKConv2d` (:func:`use_nnpack`) does the same for larger filters, such as the
+generators' 7x7 convolutions to and from 3 channels, where oneDNN is slow; their weight gradient
+stays aten's. NNPACK runs on its own thread pool: while OpenMP's idle threads spin, the two pools compete
+for the cores and the gain of a training step is lost, so NNPACK is used only when OpenMP was
+told to stop spinning soon (``GOMP_SPINCOUNT`` of at most 100000, or ``OMP_WAIT_POLICY=passive``,
+set before torch starts; ``lowcon train`` restarts itself with ``GOMP_SPINCOUNT=20000``).
 :func:`use_winograd` switches the eligible ``nn.Conv2d`` layers of a network to it in place
 (parameters and state-dict keys unchanged); each layer falls back to ``F.conv2d`` at run time for
 inputs the fast path does not cover (not float32, not on the CPU, under autocast).
@@ -25,6 +39,7 @@ inputs the fast path does not cover (not float32, not on the CPU, under autocast
 from __future__ import annotations
 
 import math
+import os
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -116,6 +131,76 @@ _MIN_TILES = 64
 WINOGRAD_MIN_CHANNELS = 128
 
 
+# NNPACK serves the forward pass and the input gradient of outputs at least this wide and high
+# (smaller maps are faster with lowcon's transforms; benchmarks/README.md). Set by set_nnpack.
+NNPACK_MIN_SIDE = 56
+# ... and at most this many pixels: NNPACK transforms a whole image at once into a scratch buffer
+# that torch keeps for the process (about 0.4 GB more peak for a 512x512 translation), where
+# lowcon's transforms work in bounded bands.
+NNPACK_MAX_PIXELS = 512 * 512
+_NNPACK_WANTED = False
+_nnpack_state: dict[str, bool] = {}
+# OpenMP spin counts up to this count as "stops spinning soon" (see the module docstring).
+_MAX_SPINCOUNT = 100_000
+
+
+def set_nnpack(enabled: bool) -> None:
+    """Let the forward passes and input gradients of outputs of ``NNPACK_MIN_SIDE`` or more each
+    way and at most ``NNPACK_MAX_PIXELS`` run NNPACK's kernels (in this process), where
+    :func:`nnpack_usable` says it can."""
+    global _NNPACK_WANTED
+    _NNPACK_WANTED = bool(enabled)
+
+
+def openmp_spins_briefly(environ: dict | None = None) -> bool:
+    """Whether this process's OpenMP threads were told to stop spinning soon after their work
+    (``GOMP_SPINCOUNT`` <= 100000 or ``OMP_WAIT_POLICY=passive`` in `environ`, default the process
+    environment). OpenMP reads these when torch loads, so they must be set before that."""
+    env = os.environ if environ is None else environ
+    if env.get("OMP_WAIT_POLICY", "").strip().lower() == "passive":
+        return True
+    try:
+        return int(env.get("GOMP_SPINCOUNT", "")) <= _MAX_SPINCOUNT
+    except ValueError:
+        return False
+
+
+def nnpack_works() -> bool:
+    """Whether this torch has NNPACK and a small convolution through it matches ``F.conv2d``
+    (checked once per process)."""
+    if "works" not in _nnpack_state:
+        works = False
+        try:
+            if torch._nnpack_available():  # also initialises NNPACK, which its first call needs
+                g = torch.Generator().manual_seed(0)
+                x, w = torch.randn(1, 4, 8, 8, generator=g), torch.randn(3, 4, 3, 3, generator=g)
+                got = torch._nnpack_spatial_convolution(x, w, None, [1, 1])
+                works = torch.allclose(got, F.conv2d(x, w, padding=1), rtol=1e-4, atol=1e-4)
+        except (AttributeError, RuntimeError):
+            works = False
+        _nnpack_state["works"] = works
+    return _nnpack_state["works"]
+
+
+def nnpack_usable() -> bool:
+    """Whether NNPACK serves the large maps now: turned on (:func:`set_nnpack`), working here
+    (:func:`nnpack_works`) and OpenMP spinning briefly (:func:`openmp_spins_briefly`)."""
+    return _NNPACK_WANTED and openmp_spins_briefly() and nnpack_works()
+
+
+def _nnpack_serves(out_h: int, out_w: int) -> bool:
+    return min(out_h, out_w) >= NNPACK_MIN_SIDE and out_h * out_w <= NNPACK_MAX_PIXELS and nnpack_usable()
+
+
+def _nnpack_conv(x: Tensor, weight: Tensor, bias: Tensor | None, padding: int) -> Tensor:
+    """``F.conv2d(x, weight, bias, padding=padding)`` by NNPACK, image by image (its one-image
+    path is the fast one)."""
+    if x.shape[0] == 1:
+        return torch._nnpack_spatial_convolution(x, weight, bias, [padding, padding])
+    return torch.cat([torch._nnpack_spatial_convolution(x[i:i + 1], weight, bias, [padding, padding])
+                      for i in range(x.shape[0])])
+
+
 def set_band_size(megabytes: float) -> None:
     """Transform maps in bands of at most this many MB of transformed tiles (default 16), in this
     process. Smaller bands take less scratch memory at a time and run smaller matrix products."""
@@ -192,6 +277,8 @@ def conv_input_grad(grad: Tensor, weight: Tensor, padding: int = 0) -> Tensor:
     r = weight.shape[-1]
     gh, gw = grad.shape[-2:]
     border = r - 1 - padding
+    if _nnpack_serves(gh + 2 * border - r + 1, gw + 2 * border - r + 1):
+        return _nnpack_conv(grad.contiguous(), weight.flip(2, 3).transpose(0, 1).contiguous(), None, border)
     return _conv(F.pad(grad, (border,) * 4), weight, gh + 2 * border - r + 1, gw + 2 * border - r + 1,
                  transposed=True)
 
@@ -235,8 +322,11 @@ class _WinogradConv(torch.autograd.Function):
         ctx.save_for_backward(x, weight)
         ctx.has_bias, ctx.padding = bias is not None, padding
         r = weight.shape[-1]
+        out_h, out_w = x.shape[-2] + 2 * padding - r + 1, x.shape[-1] + 2 * padding - r + 1
+        if _nnpack_serves(out_h, out_w):
+            return _nnpack_conv(x.contiguous(), weight.contiguous(), bias, padding)
         xp = F.pad(x, (padding,) * 4) if padding else x
-        y = _conv(xp, weight, xp.shape[-2] - r + 1, xp.shape[-1] - r + 1)
+        y = _conv(xp, weight, out_h, out_w)
         if bias is not None:
             y += bias.view(1, -1, 1, 1)
         return y
@@ -328,6 +418,107 @@ class WinogradConv2d(nn.Conv2d):
         if ph != pw or not fast_path_applies(x, self.weight, ph):
             return super().forward(x)
         return winograd_conv(x, self.weight, self.bias, ph)
+
+
+# -- larger filters: NNPACK's FFT for the forward pass and the input gradient -------------------
+# oneDNN is slow on convolutions to or from 3 channels with 7x7 filters (the generators' first
+# and last layers); NNPACK's FFT kernels are 3-4x faster there (benchmarks/README.md).
+NNPACK_MIN_KERNEL = 5
+
+
+def nnpack_applies(x: Tensor, weight: Tensor, padding: int = 0, size: tuple[int, int] | None = None) -> bool:
+    """Whether :func:`nnpack_conv` should serve ``conv2d(x, weight, padding=padding)``: float32 on
+    the CPU, outside autocast and :func:`direct`, a square filter of one group, padding below its
+    size, an output of at least ``NNPACK_MIN_SIDE`` each way, and :func:`nnpack_usable`. `size`:
+    the (H, W) the convolution reads when it is not `x`'s own."""
+    if getattr(_state, "direct", False):
+        return False
+    if not (x.device.type == "cpu" and x.dtype == torch.float32 and weight.dtype == torch.float32
+            and x.ndim == 4 and weight.ndim == 4 and weight.shape[-2] == weight.shape[-1]
+            and weight.shape[1] == x.shape[1] and not torch.is_autocast_enabled("cpu")):
+        return False
+    r = weight.shape[-1]
+    height, width = size if size is not None else x.shape[-2:]
+    return 0 <= padding < r and _nnpack_serves(height + 2 * padding - r + 1, width + 2 * padding - r + 1)
+
+
+def nnpack_conv_backward(grad: Tensor, x: Tensor, weight: Tensor, padding: int, need_input: bool,
+                         need_weight: bool, need_bias: bool) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
+    """Gradients of ``F.conv2d(x, weight, bias, padding=padding)`` (stride 1): the input's by NNPACK
+    where it serves (the convolution of `grad` with the rotated, transposed filter), by aten
+    otherwise; the weight's and the bias's by aten (oneDNN). None where not needed."""
+    grad = grad.contiguous()
+    r, o = weight.shape[-1], weight.shape[0]
+    grad_x = grad_w = grad_b = None
+    if need_input:
+        if _nnpack_serves(*x.shape[-2:]):
+            grad_x = _nnpack_conv(grad, weight.flip(2, 3).transpose(0, 1).contiguous(), None, r - 1 - padding)
+        else:
+            grad_x = torch.ops.aten.convolution_backward(grad, x, weight, None, [1, 1], [padding] * 2, [1, 1], False,
+                                                         [0, 0], 1, [True, False, False])[0]
+    if need_weight or need_bias:
+        _, grad_w, grad_b = torch.ops.aten.convolution_backward(
+            grad, x, weight, [o] if need_bias else None, [1, 1], [padding] * 2, [1, 1], False, [0, 0], 1,
+            [False, need_weight, need_bias])
+    return grad_x, grad_w if need_weight else None, grad_b if need_bias else None
+
+
+class _NNPACKConv(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor | None, padding: int) -> Tensor:  # noqa: D401
+        ctx.save_for_backward(x, weight)
+        ctx.has_bias, ctx.padding = bias is not None, padding
+        r = weight.shape[-1]
+        if _nnpack_serves(x.shape[-2] + 2 * padding - r + 1, x.shape[-1] + 2 * padding - r + 1):
+            return _nnpack_conv(x.contiguous(), weight.contiguous(), bias, padding)
+        return F.conv2d(x, weight, bias, padding=padding)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad: Tensor):
+        x, weight = ctx.saved_tensors
+        need_x, need_w, need_b = ctx.needs_input_grad[:3]
+        return (*nnpack_conv_backward(grad, x, weight, ctx.padding, need_x, need_w, ctx.has_bias and need_b), None)
+
+
+def nnpack_conv(x: Tensor, weight: Tensor, bias: Tensor | None = None, padding: int = 0) -> Tensor:
+    """``F.conv2d(x, weight, bias, padding=padding)`` (stride 1, square filter) with the forward
+    pass and the input gradient by NNPACK where :func:`nnpack_applies` and the weight gradient by
+    aten; ``F.conv2d`` everywhere NNPACK does not serve.
+
+    Example:
+        >>> x, w = torch.randn(1, 8, 12, 12), torch.randn(3, 8, 7, 7)
+        >>> torch.allclose(nnpack_conv(x, w, padding=3), F.conv2d(x, w, padding=3), atol=1e-4)
+        True
+    """
+    return _NNPACKConv.apply(x, weight, bias, padding)
+
+
+class NNPACKConv2d(nn.Conv2d):
+    """An ``nn.Conv2d`` (square filter of 5 or more, stride 1, one group, zero padding) that runs
+    :func:`nnpack_conv` where NNPACK applies and ``nn.Conv2d``'s own convolution elsewhere. Same
+    parameters, same state dict. Made by :func:`use_nnpack` from an existing layer."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        ph, pw = self.padding
+        if ph != pw or not nnpack_applies(x, self.weight, ph):
+            return super().forward(x)
+        return nnpack_conv(x, self.weight, self.bias, ph)
+
+
+def use_nnpack(model: nn.Module) -> int:
+    """Switch every plain stride-1 ``nn.Conv2d`` of `model` with a square filter of
+    ``NNPACK_MIN_KERNEL`` or more (one group, zero padding) to :class:`NNPACKConv2d` in place and
+    return how many were switched. Parameters and state-dict keys do not change. They run NNPACK
+    only while :func:`nnpack_usable` (:func:`set_nnpack`)."""
+    count = 0
+    for module in model.modules():
+        if (type(module) is nn.Conv2d and module.kernel_size[0] == module.kernel_size[1] >= NNPACK_MIN_KERNEL
+                and module.stride == (1, 1) and module.dilation == (1, 1) and module.groups == 1
+                and module.padding_mode == "zeros" and not isinstance(module.padding, str)):
+            module.__class__ = NNPACKConv2d
+            count += 1
+    return count
 
 
 def eligible(conv: nn.Module, min_channels: int) -> bool:

@@ -18,7 +18,7 @@ step at 256x256 took about a million such faults, 2-3 s of CPU time. Kept in the
 memory is reused with no fault; the peak is the same high-water mark the next step would reach
 anyway. The process keeps it until it exits.
 
-:func:`restart_without_malloc_tcache` is for the holes themselves. glibc keeps up to seven
+:func:`restart_with_process_settings` is for the holes themselves. glibc keeps up to seven
 freed small blocks of each size per thread in a cache (tcache) instead of merging them with
 their free neighbours. The small blocks of a step's bookkeeping (tensor headers, autograd nodes)
 are carved out of the holes between freed activations, and while they sit in that cache the holes
@@ -39,9 +39,11 @@ import sys
 from collections.abc import Sequence
 
 __all__ = ["map_large_allocations", "retain_freed_memory", "configure_allocator", "check_heap_mmap_threshold",
-           "check_allocator_settings", "malloc_tcache_disabled", "restart_without_malloc_tcache"]
+           "check_allocator_settings", "malloc_tcache_disabled", "restart_with_process_settings"]
 
 TCACHE_OFF = "glibc.malloc.tcache_count=0"
+# What the restart sets GOMP_SPINCOUNT to (OpenMP's default is 300000 spins).
+OPENMP_SPINCOUNT = 20_000
 # Set in the restarted process: never restart twice, even if glibc ignored the tunable.
 _RESTARTED = "LOWCON_MALLOC_RESTARTED"
 
@@ -131,19 +133,36 @@ def malloc_tcache_disabled() -> bool:
     return TCACHE_OFF in os.environ.get("GLIBC_TUNABLES", "").split(":")
 
 
-def restart_without_malloc_tcache(command: Sequence[str]) -> None:
-    """Replace this process (``os.execve``: same PID, same open files) by `command` run with
-    glibc's per-thread cache of freed small blocks off (``GLIBC_TUNABLES``), which lowers the
-    peak memory of training (module docstring). Call it before anything is written.
+def restart_with_process_settings(command: Sequence[str], *, malloc_tcache: bool = False,
+                                  brief_openmp_spin: bool = False) -> None:
+    """Replace this process (``os.execve``: same PID, same open files) by `command` run with the
+    settings that a process reads only when it starts. Call it before anything is written.
 
-    Returns without doing anything where it does not apply: not Linux/glibc, the cache already
-    off, this process already restarted once, or ``LOWCON_NO_RESTART=1`` in the environment.
+    - Unless `malloc_tcache`: glibc's per-thread cache of freed small blocks off
+      (``GLIBC_TUNABLES``), which lowers the peak memory of training (module docstring).
+    - With `brief_openmp_spin`: ``GOMP_SPINCOUNT=20000``, so that OpenMP's idle threads stop
+      spinning soon and leave the cores to NNPACK's thread pool
+      (:func:`lowcon.models.winograd.openmp_spins_briefly`). A ``GOMP_SPINCOUNT`` or
+      ``OMP_WAIT_POLICY`` already in the environment is kept.
+
+    Returns without doing anything when neither applies or both are already so (glibc's only
+    where glibc is), when this process already restarted once, or with ``LOWCON_NO_RESTART=1``
+    in the environment.
     """
-    if (_libc() is None or malloc_tcache_disabled() or os.environ.get(_RESTARTED)
-            or os.environ.get("LOWCON_NO_RESTART") == "1"):
+    if os.environ.get(_RESTARTED) or os.environ.get("LOWCON_NO_RESTART") == "1":
         return
-    tunables = [t for t in os.environ.get("GLIBC_TUNABLES", "").split(":") if t] + [TCACHE_OFF]
-    env = dict(os.environ, GLIBC_TUNABLES=":".join(tunables), **{_RESTARTED: "1"})
+    env = dict(os.environ)
+    changed = False
+    if not malloc_tcache and _libc() is not None and not malloc_tcache_disabled():
+        tunables = [t for t in env.get("GLIBC_TUNABLES", "").split(":") if t] + [TCACHE_OFF]
+        env["GLIBC_TUNABLES"] = ":".join(tunables)
+        changed = True
+    if brief_openmp_spin and "GOMP_SPINCOUNT" not in env and "OMP_WAIT_POLICY" not in env:
+        env["GOMP_SPINCOUNT"] = str(OPENMP_SPINCOUNT)
+        changed = True
+    if not changed:
+        return
+    env[_RESTARTED] = "1"
     sys.stdout.flush()
     sys.stderr.flush()
     os.execve(command[0], list(command), env)
