@@ -19,22 +19,25 @@ The input and weight gradients are computed in the Winograd domain as well. On t
 Large maps are transformed in bands of tile rows, so that the transformed tiles of one band take at
 most ``winograd_band_mb`` (:func:`set_band_size`). Nothing is compiled: it runs wherever torch does.
 
-Where it is faster, the forward pass and the input gradient run NNPACK's fused kernels instead
-(:func:`set_nnpack`, off unless a caller turns it on; the translation configs' ``nnpack`` key): a
-hand-written AVX2 library of Winograd F(6x6, 3x3) and FFT convolutions that ships inside torch
-(``torch._nnpack_spatial_convolution``; torch itself uses it for inference only). It is faster on
-outputs of 56x56 and more (1.2-3x per layer, ``benchmarks/bench_conv.py``) and slower on smaller
-ones, which keep lowcon's own transforms, as do outputs of more than 512x512 pixels (NNPACK's
-scratch grows with the image); the weight gradient always does (NNPACK's is not in
-torch). :class:`NNPACKConv2d` (:func:`use_nnpack`) does the same for larger filters, such as the
-generators' 7x7 convolutions to and from 3 channels, where oneDNN is slow; their weight gradient
-stays aten's. NNPACK runs on its own thread pool: while OpenMP's idle threads spin, the two pools compete
-for the cores and the gain of a training step is lost, so NNPACK is used only when OpenMP was
-told to stop spinning soon (``GOMP_SPINCOUNT`` of at most 100000, or ``OMP_WAIT_POLICY=passive``,
-set before torch starts; ``lowcon train`` restarts itself with ``GOMP_SPINCOUNT=20000``).
 :func:`use_winograd` switches the eligible ``nn.Conv2d`` layers of a network to it in place
 (parameters and state-dict keys unchanged); each layer falls back to ``F.conv2d`` at run time for
 inputs the fast path does not cover (not float32, not on the CPU, under autocast).
+
+Where it is faster, the forward pass and the input gradient run NNPACK's kernels instead
+(:func:`set_nnpack`, off unless a caller turns it on; the translation configs' ``nnpack`` key):
+a hand-written AVX2 library of Winograd F(6x6, 3x3) and FFT convolutions that ships inside torch
+(``torch._nnpack_spatial_convolution``; torch itself uses it for inference only). It is 1.2-2x
+faster on outputs of 56x56 and more (``benchmarks/bench_conv.py``) and slower on smaller ones,
+which keep lowcon's own transforms, as do outputs of more than 512x512 pixels (NNPACK's scratch
+grows with the image). The weight gradient is always lowcon's: torch has no NNPACK backward.
+:class:`NNPACKConv2d` (:func:`use_nnpack`) does the same for larger filters, such as the
+generators' 7x7 convolutions to and from 3 channels, where oneDNN is slow (3-4x); their weight
+gradient is aten's. NNPACK runs on its own thread pool: while OpenMP's idle threads spin, the two
+pools compete for the cores and a training step gains nothing, so NNPACK serves only when OpenMP
+was told to stop spinning soon (``GOMP_SPINCOUNT`` of at most 100000, or
+``OMP_WAIT_POLICY=passive``, set before torch loads). ``lowcon train``, ``lowcon translate`` and
+``lowcon demo translate`` start themselves again with ``GOMP_SPINCOUNT=20000``
+(:func:`lowcon.training.memory.restart_with_process_settings`).
 """
 from __future__ import annotations
 
