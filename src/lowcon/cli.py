@@ -64,6 +64,7 @@ def cmd_eval(args) -> int:
 
         if not (args.real and args.test):
             raise ValueError("eval --run: also give --real (target-domain images) and --test (source images)")
+        _restart_for_nnpack(args)
         result = evaluate_run(args.run, args.real, args.test, inception_weights=args.inception_weights, device=args.device)
         for key in ("best", "last"):
             if key in result:
@@ -117,8 +118,9 @@ def cmd_dehaze(args) -> int:
 
 def _restart_for_nnpack(args) -> None:
     """Run this same command again with OpenMP spinning briefly, so that the translation
-    networks' NNPACK layers (config key ``nnpack``) serve (lowcon.models.winograd); only from a
-    real command line, before anything is written."""
+    networks' NNPACK layers (config key ``nnpack``) serve (lowcon.models.winograd): translate,
+    the translation demo and ``eval --run``. Only from a real command line, before anything is
+    written."""
     if getattr(args, "restartable", False):
         from .training.memory import restart_with_process_settings
 

@@ -35,8 +35,8 @@ generators' 7x7 convolutions to and from 3 channels, where oneDNN is slow (3-4x)
 gradient is aten's. NNPACK runs on its own thread pool: while OpenMP's idle threads spin, the two
 pools compete for the cores and a training step gains nothing, so NNPACK serves only when OpenMP
 was told to stop spinning soon (``GOMP_SPINCOUNT`` of at most 100000, or
-``OMP_WAIT_POLICY=passive``, set before torch loads). ``lowcon train``, ``lowcon translate`` and
-``lowcon demo translate`` start themselves again with ``GOMP_SPINCOUNT=20000``
+``OMP_WAIT_POLICY=passive``, set before torch loads). ``lowcon train``, ``lowcon translate``,
+``lowcon eval --run`` and ``lowcon demo translate`` start themselves again with ``GOMP_SPINCOUNT=20000``
 (:func:`lowcon.training.memory.restart_with_process_settings`).
 """
 from __future__ import annotations
