@@ -25,6 +25,19 @@ def _config_class(method: str):
     raise ValueError(f"method: {method!r} is not a lowcon method; valid: {valid}")
 
 
+def _restart(args, *, malloc_tcache: bool, brief_openmp_spin: bool) -> None:
+    """Run this same command again with the settings glibc and OpenMP read only when a process
+    starts (:func:`lowcon.training.memory.restart_with_process_settings`): glibc's tcache off
+    unless `malloc_tcache`; with `brief_openmp_spin`, OpenMP's idle threads spinning briefly, so
+    that the translation networks' NNPACK layers serve (config key ``nnpack``). Only from a real
+    command line, and before anything is written."""
+    if getattr(args, "restartable", False):
+        from .training.memory import restart_with_process_settings
+
+        restart_with_process_settings([sys.executable, "-m", "lowcon", *args.argv], malloc_tcache=malloc_tcache,
+                                      brief_openmp_spin=brief_openmp_spin)
+
+
 def cmd_train(args) -> int:
     from .config import load_config, parse_overrides, preset_path, read_yaml
 
@@ -38,14 +51,7 @@ def cmd_train(args) -> int:
         overrides["data"] = None  # two domain folders replace the preset's data root
     method = overrides.get("method") or read_yaml(path).get("method", "aecrnet")
     cfg = load_config(_config_class(method), path, overrides)
-    brief_spin = bool(getattr(cfg, "nnpack", False))
-    if (not cfg.malloc_tcache or brief_spin) and getattr(args, "restartable", False):
-        from .training.memory import restart_with_process_settings
-
-        # glibc and OpenMP read these only at start: run this same command again with them
-        # (nothing written yet)
-        restart_with_process_settings([sys.executable, "-m", "lowcon", *args.argv],
-                                      malloc_tcache=cfg.malloc_tcache, brief_openmp_spin=brief_spin)
+    _restart(args, malloc_tcache=cfg.malloc_tcache, brief_openmp_spin=bool(getattr(cfg, "nnpack", False)))
     if method in DEHAZE_METHODS:
         from .dehazing import train_dehaze
 
@@ -64,7 +70,7 @@ def cmd_eval(args) -> int:
 
         if not (args.real and args.test):
             raise ValueError("eval --run: also give --real (target-domain images) and --test (source images)")
-        _restart_for_nnpack(args)
+        _restart(args, malloc_tcache=True, brief_openmp_spin=True)
         result = evaluate_run(args.run, args.real, args.test, inception_weights=args.inception_weights, device=args.device)
         for key in ("best", "last"):
             if key in result:
@@ -116,23 +122,10 @@ def cmd_dehaze(args) -> int:
     return 0
 
 
-def _restart_for_nnpack(args) -> None:
-    """Run this same command again with OpenMP spinning briefly, so that the translation
-    networks' NNPACK layers (config key ``nnpack``) serve (lowcon.models.winograd): translate,
-    the translation demo and ``eval --run``. Only from a real command line, before anything is
-    written."""
-    if getattr(args, "restartable", False):
-        from .training.memory import restart_with_process_settings
-
-        restart_with_process_settings([sys.executable, "-m", "lowcon", *args.argv], malloc_tcache=True,
-                                      brief_openmp_spin=True)
-
-
 def cmd_translate(args) -> int:
     from .translation import translate_paths
 
-    _restart_for_nnpack(args)
-
+    _restart(args, malloc_tcache=True, brief_openmp_spin=True)
     written = translate_paths(args.inputs, args.output, args.checkpoint, device=args.device,
                               batch_size=args.batch_size, direction=args.direction, on_error=args.on_error)
     print(f"wrote {len(written)} image(s) to {args.output}")
@@ -156,7 +149,7 @@ def cmd_demo(args) -> int:
     else:
         from .translation import demo_translation
 
-        _restart_for_nnpack(args)
+        _restart(args, malloc_tcache=True, brief_openmp_spin=True)
         report = demo_translation(args.out or "runs/demo-translate", minutes=args.minutes, progress=not args.quiet)
     print(Path(report).read_text())
     print(f"report: {report}")

@@ -191,20 +191,23 @@ def test_translation_does_not_load_torchvision():
 
 
 def test_translate_restarts_with_openmp_spinning_briefly(monkeypatch):
-    # `lowcon translate` (and the translation demo) start again so that NNPACK serves; the
-    # allocator's tcache is left as it is.
+    # `lowcon translate` (also `eval --run` and the translation demo) starts again so that NNPACK
+    # serves; the allocator's tcache is left as it is.
     import os
-    from types import SimpleNamespace
 
+    import lowcon.translation
     from lowcon import cli
 
     for key in ("GOMP_SPINCOUNT", "OMP_WAIT_POLICY", "LOWCON_NO_RESTART", "LOWCON_MALLOC_RESTARTED", "GLIBC_TUNABLES"):
         monkeypatch.delenv(key, raising=False)
     seen = []
     monkeypatch.setattr(os, "execve", lambda path, argv, env: seen.append((argv, env)))
-    cli._restart_for_nnpack(SimpleNamespace(restartable=False, argv=["translate", "in", "-o", "out"]))
+    monkeypatch.setattr(lowcon.translation, "translate_paths", lambda *a, **k: [])
+    command = ["translate", "in", "-o", "out", "--checkpoint", "last.pt"]
+    assert cli.main(command) == 0
     assert seen == []  # main(argv) from a caller's process never restarts
-    cli._restart_for_nnpack(SimpleNamespace(restartable=True, argv=["translate", "in", "-o", "out"]))
+    monkeypatch.setattr(sys, "argv", ["lowcon", *command])
+    assert cli.main() == 0  # the console script (execve is a stand-in here, so it carries on)
     (argv, env), = seen
-    assert argv == [sys.executable, "-m", "lowcon", "translate", "in", "-o", "out"]
+    assert argv == [sys.executable, "-m", "lowcon", *command]
     assert env["GOMP_SPINCOUNT"] == "20000" and "GLIBC_TUNABLES" not in env
