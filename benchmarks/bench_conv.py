@@ -92,12 +92,9 @@ def bench_layers(repeats: int) -> list[dict]:
             if nnpack and not usable:
                 continue
             winograd.set_nnpack(nnpack)
-            if r in winograd.KERNEL_SIZES:
-                forward, backward = winograd.winograd_conv, winograd.conv_backward
-            elif nnpack:
-                forward, backward = winograd.nnpack_conv, winograd.nnpack_conv_backward
-            else:
+            if r not in winograd.KERNEL_SIZES and not nnpack:
                 continue
+            forward, backward = winograd.nnpack_conv, winograd.conv_backward
             row[f"{key}_fwd_ms"] = fastest_ms(lambda: forward(x, w, b, pad), repeats)
             row[f"{key}_fwd_bwd_ms"] = fastest_ms(lambda: (forward(x, w, b, pad),
                                                            backward(grad, x, w, pad, True, True, True)), repeats)

@@ -103,9 +103,9 @@ def test_the_winograd_path_matches_the_plain_convolution():
             torch.testing.assert_close(a.double(), e, rtol=1e-3, atol=1e-3 * e.abs().max().item())
 
 
-def test_the_winograd_path_is_taken_only_where_it_applies(monkeypatch):
+def test_the_fast_path_is_taken_only_where_it_applies(monkeypatch):
     seen = []
-    monkeypatch.setattr(NormActConv, "apply", lambda h, w, b, spec: seen.append(spec.winograd))
+    monkeypatch.setattr(NormActConv, "apply", lambda h, w, b, spec: seen.append(spec.fast))
     conv = nn.Conv2d(8, 8, 3, padding=1)
     conv.__class__ = WinogradConv2d
     norm_act_conv(torch.randn(1, 8, 32, 32), conv, FusedSpec(1e-5, padding=1))  # 8 x 8 = 64 tiles

@@ -60,15 +60,13 @@ def test_constant_image_and_filter_by_hand():
     assert torch.allclose(w.grad, torch.full_like(w, 35.0), atol=1e-4)  # each tap sees 5 x 7 ones
 
 
-@pytest.mark.parametrize("shape", [(2, 5, 7, 9, 13), (1, 8, 4, 10, 10), (3, 16, 16, 7, 6), (1, 4, 4, 23, 30)])
-@pytest.mark.parametrize("band_bytes", [16 * 2 ** 20, 3000])  # one band, and one tile row per band
-@pytest.mark.parametrize("r, padding", [(3, 0), (3, 1), (4, 1)])
-def test_values_and_gradients_match_float64_direct_convolution(shape, band_bytes, r, padding, monkeypatch):
-    monkeypatch.setattr(wg, "_BAND_BYTES", band_bytes)
-    b, c, o, h, w_ = shape
-    gen = torch.Generator().manual_seed(sum(shape))
-    x = torch.randn(b, c, h, w_, dtype=torch.float64, generator=gen)
-    w = torch.randn(o, c, r, r, dtype=torch.float64, generator=gen)
+def _against_float64(x_shape, o, r, padding, seed):
+    """winograd_conv of a float32 copy of float64 (x, weight, bias), and its backward of a float64
+    gradient, beside F.conv2d and its backward in float64: (output, reference) and the
+    (float32, float64) gradient pairs of x, weight and bias."""
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(*x_shape, dtype=torch.float64, generator=gen)
+    w = torch.randn(o, x_shape[1], r, r, dtype=torch.float64, generator=gen)
     bias = torch.randn(o, dtype=torch.float64, generator=gen)
     xs, ws, bs = (t.float().requires_grad_() for t in (x, w, bias))
     y = winograd_conv(xs, ws, bs, padding)
@@ -77,12 +75,22 @@ def test_values_and_gradients_match_float64_direct_convolution(shape, band_bytes
     xd, wd, bd = (t.clone().requires_grad_() for t in (x, w, bias))
     ref = F.conv2d(xd, wd, bd, padding=padding)
     ref.backward(grad)
+    return (y, ref), [(xs.grad, xd.grad), (ws.grad, wd.grad), (bs.grad, bd.grad)]
+
+
+@pytest.mark.parametrize("shape", [(2, 5, 7, 9, 13), (1, 8, 4, 10, 10), (3, 16, 16, 7, 6), (1, 4, 4, 23, 30)])
+@pytest.mark.parametrize("band_bytes", [16 * 2 ** 20, 3000])  # one band, and one tile row per band
+@pytest.mark.parametrize("r, padding", [(3, 0), (3, 1), (4, 1)])
+def test_values_and_gradients_match_float64_direct_convolution(shape, band_bytes, r, padding, monkeypatch):
+    monkeypatch.setattr(wg, "_BAND_BYTES", band_bytes)
+    b, c, o, h, w_ = shape
+    (y, ref), (gx, gw, gb) = _against_float64((b, c, h, w_), o, r, padding, seed=sum(shape))
     assert y.shape == ref.shape
     # F(4, 3) and F(3, 4) in float32: a few 1e-6 relative here (direct float32: about 1e-6)
     assert _relative(y, ref) < 2e-5
-    assert _relative(xs.grad, xd.grad) < 2e-5
-    assert _relative(ws.grad, wd.grad) < 2e-5
-    assert _relative(bs.grad, bd.grad) < 1e-5
+    assert _relative(*gx) < 2e-5
+    assert _relative(*gw) < 2e-5
+    assert _relative(*gb) < 1e-5
 
 
 def test_gradient_helpers_match_autograd_of_direct_convolution():
@@ -232,25 +240,15 @@ def nnpack_on(monkeypatch):
 @needs_nnpack
 @pytest.mark.parametrize("b, r, padding", [(1, 3, 1), (2, 3, 0), (2, 4, 1), (1, 4, 0)])
 def test_nnpack_values_and_gradients_match_float64_direct_convolution(nnpack_on, b, r, padding):
-    gen = torch.Generator().manual_seed(10 * r + padding)
-    x = torch.randn(b, 6, 61, 64, dtype=torch.float64, generator=gen)
-    w = torch.randn(5, 6, r, r, dtype=torch.float64, generator=gen)
-    bias = torch.randn(5, dtype=torch.float64, generator=gen)
-    xs, ws, bs = (t.float().requires_grad_() for t in (x, w, bias))
-    y = winograd_conv(xs, ws, bs, padding)
-    grad = torch.randn(y.shape, dtype=torch.float64, generator=gen)
-    y.backward(grad.float())
+    (y, ref), (gx, gw, gb) = _against_float64((b, 6, 61, 64), 5, r, padding, seed=10 * r + padding)
     # the forward pass and the input gradient went through NNPACK
     assert nnpack_on == [(b, 6, 61, 64), y.shape]
-    xd, wd, bd = (t.clone().requires_grad_() for t in (x, w, bias))
-    ref = F.conv2d(xd, wd, bd, padding=padding)
-    ref.backward(grad)
     assert y.shape == ref.shape
     # NNPACK's F(6x6, 3x3) and FFT: about 1e-5 relative here
     assert _relative(y, ref) < 5e-5
-    assert _relative(xs.grad, xd.grad) < 5e-5
-    assert _relative(ws.grad, wd.grad) < 2e-5  # lowcon's own transforms
-    assert _relative(bs.grad, bd.grad) < 1e-5
+    assert _relative(*gx) < 5e-5
+    assert _relative(*gw) < 2e-5  # lowcon's own transforms
+    assert _relative(*gb) < 1e-5
 
 
 @needs_nnpack

@@ -29,8 +29,7 @@ from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 
 from lowcon.models.blur import _PAD_MODES, Downsample, Upsample
-from lowcon.models.winograd import (NNPACKConv2d, WinogradConv2d, conv_backward, direct, fast_path_applies,
-                                    nnpack_applies, nnpack_conv, nnpack_conv_backward, winograd_conv)
+from lowcon.models.winograd import NNPACKConv2d, WinogradConv2d, conv_backward, direct, nnpack_conv
 
 
 @dataclass(frozen=True)
@@ -43,9 +42,8 @@ class FusedSpec:
         pre: a fixed function between the activation and the convolution (padding, upsampling),
             with no parameters; ``None`` for none.
         stride, padding, groups: the convolution's (zero padding).
-        winograd: run the convolution as :func:`lowcon.models.winograd.winograd_conv`.
-        nnpack: run it as :func:`lowcon.models.winograd.nnpack_conv` (NNPACK's forward pass and
-            input gradient, aten's weight gradient).
+        fast: run the convolution through :mod:`lowcon.models.winograd` (NNPACK or lowcon's
+            Winograd, as its layers do; :func:`~lowcon.models.winograd.conv_backward`).
     """
 
     eps: Optional[float]
@@ -54,8 +52,7 @@ class FusedSpec:
     stride: int = 1
     padding: int = 0
     groups: int = 1
-    winograd: bool = False
-    nnpack: bool = False
+    fast: bool = False
 
 
 def _act(x: Tensor, slope: float) -> Tensor:
@@ -81,9 +78,7 @@ class NormActConv(torch.autograd.Function):
             x = spec.pre(x)
         ctx.save_for_backward(h, weight)
         ctx.spec, ctx.has_bias = spec, bias is not None
-        if spec.winograd:  # (autograd is off inside forward: this records nothing)
-            return winograd_conv(x, weight, bias, spec.padding)
-        if spec.nnpack:
+        if spec.fast:  # (autograd is off inside forward: this records nothing)
             return nnpack_conv(x, weight, bias, spec.padding)
         return F.conv2d(x, weight, bias, stride=spec.stride, padding=spec.padding, groups=spec.groups)
 
@@ -104,11 +99,8 @@ class NormActConv(torch.autograd.Function):
         else:
             x = act
         need_w, need_b = ctx.needs_input_grad[1], ctx.has_bias and ctx.needs_input_grad[2]
-        if spec.winograd:
+        if spec.fast:
             grad_x, grad_w, grad_b = conv_backward(grad, x.detach(), weight, spec.padding, True, need_w, need_b)
-        elif spec.nnpack:
-            grad_x, grad_w, grad_b = nnpack_conv_backward(grad, x.detach(), weight, spec.padding, True, need_w,
-                                                          need_b)
         else:
             grad_x, grad_w, grad_b = torch.ops.aten.convolution_backward(
                 grad, x.detach(), weight, [weight.shape[0]] if ctx.has_bias else None, [spec.stride] * 2,
@@ -158,19 +150,17 @@ class ReflectPad:
 
 
 def norm_act_conv(h: Tensor, conv: nn.Conv2d, spec: FusedSpec) -> Tensor:
-    """`conv` applied through :class:`NormActConv` with `spec`; as Winograd (NNPACK) when `conv` is
-    a :class:`WinogradConv2d` (:class:`NNPACKConv2d`) and its fast path applies to the map the
-    convolution reads."""
+    """`conv` applied through :class:`NormActConv` with `spec`; through the fast path of
+    :mod:`lowcon.models.winograd` when `conv` is one of its layers (:class:`WinogradConv2d`,
+    :class:`NNPACKConv2d`) and the layer's `applies` accepts the map the convolution reads."""
     if isinstance(conv, (WinogradConv2d, NNPACKConv2d)) and spec.stride == 1 and spec.groups == 1:
         height, width = h.shape[-2:]
         if isinstance(spec.pre, ReflectPad):
             height, width = spec.pre.out_size(height, width)
         elif isinstance(spec.pre, Upsample):
             height, width = 2 * height, 2 * width
-        if isinstance(conv, WinogradConv2d) and fast_path_applies(h, conv.weight, spec.padding, size=(height, width)):
-            spec = replace(spec, winograd=True)
-        elif isinstance(conv, NNPACKConv2d) and nnpack_applies(h, conv.weight, spec.padding, size=(height, width)):
-            spec = replace(spec, nnpack=True)
+        if conv.applies(h, conv.weight, spec.padding, size=(height, width)):
+            spec = replace(spec, fast=True)
     return NormActConv.apply(h, conv.weight, conv.bias, spec)
 
 

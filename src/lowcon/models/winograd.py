@@ -280,8 +280,6 @@ def conv_input_grad(grad: Tensor, weight: Tensor, padding: int = 0) -> Tensor:
     r = weight.shape[-1]
     gh, gw = grad.shape[-2:]
     border = r - 1 - padding
-    if _nnpack_serves(gh + 2 * border - r + 1, gw + 2 * border - r + 1):
-        return _nnpack_conv(grad.contiguous(), weight.flip(2, 3).transpose(0, 1).contiguous(), None, border)
     return _conv(F.pad(grad, (border,) * 4), weight, gh + 2 * border - r + 1, gw + 2 * border - r + 1,
                  transposed=True)
 
@@ -307,32 +305,66 @@ def conv_weight_grad(grad: Tensor, xp: Tensor, kernel_size: int) -> Tensor:
     return grad_weight.t().reshape(o, c, kernel_size, kernel_size)
 
 
+def _output_size(x: Tensor, weight: Tensor, padding: int) -> tuple[int, int]:
+    r = weight.shape[-1]
+    return x.shape[-2] + 2 * padding - r + 1, x.shape[-1] + 2 * padding - r + 1
+
+
+def _conv_forward(x: Tensor, weight: Tensor, bias: Tensor | None, padding: int) -> Tensor:
+    """``F.conv2d(x, weight, bias, padding=padding)`` (stride 1, square filter): NNPACK where it
+    serves the output, else lowcon's Winograd for 3x3 and 4x4 filters, else ``F.conv2d``."""
+    out_h, out_w = _output_size(x, weight, padding)
+    if _nnpack_serves(out_h, out_w):
+        return _nnpack_conv(x.contiguous(), weight.contiguous(), bias, padding)
+    if weight.shape[-1] not in KERNEL_SIZES:
+        return F.conv2d(x, weight, bias, padding=padding)
+    y = _conv(F.pad(x, (padding,) * 4) if padding else x, weight, out_h, out_w)
+    if bias is not None:
+        y += bias.view(1, -1, 1, 1)
+    return y
+
+
 def conv_backward(grad: Tensor, x: Tensor, weight: Tensor, padding: int, need_input: bool, need_weight: bool,
                   need_bias: bool) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
-    """Gradients of ``F.conv2d(x, weight, bias, padding=padding)`` (3x3 or 4x4, stride 1) to `x`,
-    `weight` and `bias` given `grad` to its output, each None where not needed."""
+    """Gradients of ``F.conv2d(x, weight, bias, padding=padding)`` (stride 1, square filter) to
+    `x`, `weight` and `bias` given `grad` to its output, each None where not needed.
+
+    The input gradient is the convolution of `grad` with the rotated, transposed filter: by NNPACK
+    where it serves `x`'s size, else by lowcon's Winograd (3x3, 4x4) or aten. The weight and bias
+    gradients: lowcon's Winograd for 3x3 and 4x4 filters, aten (oneDNN) for the others."""
     grad = grad.contiguous()
-    return (conv_input_grad(grad, weight, padding) if need_input else None,
-            conv_weight_grad(grad, F.pad(x, (padding,) * 4) if padding else x, weight.shape[-1]) if need_weight else None,
-            grad.sum((0, 2, 3)) if need_bias else None)
+    r = weight.shape[-1]
+    winograd = r in KERNEL_SIZES
+    grad_x = grad_w = grad_b = None
+    if need_input:
+        if _nnpack_serves(*x.shape[-2:]):
+            grad_x = _nnpack_conv(grad, weight.flip(2, 3).transpose(0, 1).contiguous(), None, r - 1 - padding)
+        elif winograd:
+            grad_x = conv_input_grad(grad, weight, padding)
+        else:
+            grad_x = torch.ops.aten.convolution_backward(grad, x, weight, None, [1, 1], [padding] * 2, [1, 1], False,
+                                                         [0, 0], 1, [True, False, False])[0]
+    if winograd:
+        if need_weight:
+            grad_w = conv_weight_grad(grad, F.pad(x, (padding,) * 4) if padding else x, r)
+        if need_bias:
+            grad_b = grad.sum((0, 2, 3))
+    elif need_weight or need_bias:
+        _, grad_w, grad_b = torch.ops.aten.convolution_backward(
+            grad, x, weight, [weight.shape[0]] if need_bias else None, [1, 1], [padding] * 2, [1, 1], False, [0, 0],
+            1, [False, need_weight, need_bias])
+    return grad_x, grad_w if need_weight else None, grad_b if need_bias else None
 
 
-class _WinogradConv(torch.autograd.Function):
-    """Keeps the unpadded input for backward; the padded copy lives only inside each call."""
+class _FastConv(torch.autograd.Function):
+    """:func:`_conv_forward` and :func:`conv_backward` as one Function. Keeps the unpadded input
+    for backward; a padded copy lives only inside each call."""
 
     @staticmethod
     def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor | None, padding: int) -> Tensor:  # noqa: D401
         ctx.save_for_backward(x, weight)
         ctx.has_bias, ctx.padding = bias is not None, padding
-        r = weight.shape[-1]
-        out_h, out_w = x.shape[-2] + 2 * padding - r + 1, x.shape[-1] + 2 * padding - r + 1
-        if _nnpack_serves(out_h, out_w):
-            return _nnpack_conv(x.contiguous(), weight.contiguous(), bias, padding)
-        xp = F.pad(x, (padding,) * 4) if padding else x
-        y = _conv(xp, weight, out_h, out_w)
-        if bias is not None:
-            y += bias.view(1, -1, 1, 1)
-        return y
+        return _conv_forward(x, weight, bias, padding)
 
     @staticmethod
     @once_differentiable
@@ -358,17 +390,21 @@ def direct() -> Iterator[None]:
         _state.direct = previous
 
 
+def _fast_path_input(x: Tensor, weight: Tensor) -> bool:
+    """What both fast paths need: float32 on the CPU, outside autocast and :func:`direct`, a
+    (B, C, H, W) input and a square (O, C, r, r) filter of one group."""
+    return (not getattr(_state, "direct", False) and x.device.type == "cpu" and x.dtype == torch.float32
+            and weight.dtype == torch.float32 and x.ndim == 4 and weight.ndim == 4
+            and weight.shape[-2] == weight.shape[-1] and weight.shape[1] == x.shape[1]
+            and not torch.is_autocast_enabled("cpu"))
+
+
 def fast_path_applies(x: Tensor, weight: Tensor, padding: int = 0, size: tuple[int, int] | None = None) -> bool:
     """Whether :func:`winograd_conv` should serve ``conv2d(x, weight, padding=padding)``: float32
     on the CPU, outside autocast and :func:`direct`, a 3x3 or 4x4 filter of one group, padding below the filter's
     size, and at least _MIN_TILES output tiles (fewer make matrix products too small to gain;
     measured in benchmarks/README.md). `size` is the (H, W) the convolution will read when it is not `x`'s own (x is resampled first)."""
-    if getattr(_state, "direct", False):
-        return False
-    if not (x.device.type == "cpu" and x.dtype == torch.float32 and weight.dtype == torch.float32
-            and x.ndim == 4 and weight.ndim == 4 and weight.shape[-1] in KERNEL_SIZES
-            and weight.shape[-2] == weight.shape[-1] and weight.shape[1] == x.shape[1]
-            and not torch.is_autocast_enabled("cpu")):
+    if not _fast_path_input(x, weight) or weight.shape[-1] not in KERNEL_SIZES:
         return False
     r = weight.shape[-1]
     if not 0 <= padding < r:
@@ -408,19 +444,28 @@ def winograd_conv(x: Tensor, weight: Tensor, bias: Tensor | None = None, padding
     if min(x.shape[-2:]) + 2 * padding < r:
         raise ValueError(f"x height and width plus padding must be at least {r}, got {tuple(x.shape[-2:])} "
                          f"and padding {padding}")
-    return _WinogradConv.apply(x, weight, bias, padding)
+    return _FastConv.apply(x, weight, bias, padding)
 
 
-class WinogradConv2d(nn.Conv2d):
-    """An ``nn.Conv2d`` (3x3 or 4x4, stride 1, one group, zero padding) that runs
-    :func:`winograd_conv` where it applies and ``nn.Conv2d``'s own convolution elsewhere. Same
-    parameters, same state dict. Made by :func:`use_winograd` from an existing layer."""
+class _FastConv2d(nn.Conv2d):
+    """An ``nn.Conv2d`` (stride 1, one group, zero padding) that runs :class:`_FastConv` where its
+    class's `applies` says so and ``nn.Conv2d``'s own convolution elsewhere. Same parameters, same
+    state dict."""
+
+    applies: staticmethod  # (x, weight, padding) -> bool, set by each subclass
 
     def forward(self, x: Tensor) -> Tensor:
         ph, pw = self.padding
-        if ph != pw or not fast_path_applies(x, self.weight, ph):
+        if ph != pw or not self.applies(x, self.weight, ph):
             return super().forward(x)
-        return winograd_conv(x, self.weight, self.bias, ph)
+        return _FastConv.apply(x, self.weight, self.bias, ph)
+
+
+class WinogradConv2d(_FastConv2d):
+    """A 3x3 or 4x4 layer that runs :func:`winograd_conv` where :func:`fast_path_applies` (NNPACK
+    or lowcon's Winograd). Made by :func:`use_winograd` from an existing layer."""
+
+    applies = staticmethod(fast_path_applies)
 
 
 # -- larger filters: NNPACK's FFT for the forward pass and the input gradient -------------------
@@ -434,79 +479,31 @@ def nnpack_applies(x: Tensor, weight: Tensor, padding: int = 0, size: tuple[int,
     the CPU, outside autocast and :func:`direct`, a square filter of one group, padding below its
     size, an output of at least ``NNPACK_MIN_SIDE`` each way, and :func:`nnpack_usable`. `size`:
     the (H, W) the convolution reads when it is not `x`'s own."""
-    if getattr(_state, "direct", False):
-        return False
-    if not (x.device.type == "cpu" and x.dtype == torch.float32 and weight.dtype == torch.float32
-            and x.ndim == 4 and weight.ndim == 4 and weight.shape[-2] == weight.shape[-1]
-            and weight.shape[1] == x.shape[1] and not torch.is_autocast_enabled("cpu")):
+    if not _fast_path_input(x, weight):
         return False
     r = weight.shape[-1]
     height, width = size if size is not None else x.shape[-2:]
     return 0 <= padding < r and _nnpack_serves(height + 2 * padding - r + 1, width + 2 * padding - r + 1)
 
 
-def nnpack_conv_backward(grad: Tensor, x: Tensor, weight: Tensor, padding: int, need_input: bool,
-                         need_weight: bool, need_bias: bool) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
-    """Gradients of ``F.conv2d(x, weight, bias, padding=padding)`` (stride 1): the input's by NNPACK
-    where it serves (the convolution of `grad` with the rotated, transposed filter), by aten
-    otherwise; the weight's and the bias's by aten (oneDNN). None where not needed."""
-    grad = grad.contiguous()
-    r, o = weight.shape[-1], weight.shape[0]
-    grad_x = grad_w = grad_b = None
-    if need_input:
-        if _nnpack_serves(*x.shape[-2:]):
-            grad_x = _nnpack_conv(grad, weight.flip(2, 3).transpose(0, 1).contiguous(), None, r - 1 - padding)
-        else:
-            grad_x = torch.ops.aten.convolution_backward(grad, x, weight, None, [1, 1], [padding] * 2, [1, 1], False,
-                                                         [0, 0], 1, [True, False, False])[0]
-    if need_weight or need_bias:
-        _, grad_w, grad_b = torch.ops.aten.convolution_backward(
-            grad, x, weight, [o] if need_bias else None, [1, 1], [padding] * 2, [1, 1], False, [0, 0], 1,
-            [False, need_weight, need_bias])
-    return grad_x, grad_w if need_weight else None, grad_b if need_bias else None
-
-
-class _NNPACKConv(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor | None, padding: int) -> Tensor:  # noqa: D401
-        ctx.save_for_backward(x, weight)
-        ctx.has_bias, ctx.padding = bias is not None, padding
-        r = weight.shape[-1]
-        if _nnpack_serves(x.shape[-2] + 2 * padding - r + 1, x.shape[-1] + 2 * padding - r + 1):
-            return _nnpack_conv(x.contiguous(), weight.contiguous(), bias, padding)
-        return F.conv2d(x, weight, bias, padding=padding)
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, grad: Tensor):
-        x, weight = ctx.saved_tensors
-        need_x, need_w, need_b = ctx.needs_input_grad[:3]
-        return (*nnpack_conv_backward(grad, x, weight, ctx.padding, need_x, need_w, ctx.has_bias and need_b), None)
-
-
 def nnpack_conv(x: Tensor, weight: Tensor, bias: Tensor | None = None, padding: int = 0) -> Tensor:
     """``F.conv2d(x, weight, bias, padding=padding)`` (stride 1, square filter) with the forward
-    pass and the input gradient by NNPACK where :func:`nnpack_applies` and the weight gradient by
-    aten; ``F.conv2d`` everywhere NNPACK does not serve.
+    pass and the input gradient by NNPACK where it serves (:func:`conv_backward`); the weight
+    gradient by aten, or by lowcon's Winograd for 3x3 and 4x4 filters.
 
     Example:
         >>> x, w = torch.randn(1, 8, 12, 12), torch.randn(3, 8, 7, 7)
         >>> torch.allclose(nnpack_conv(x, w, padding=3), F.conv2d(x, w, padding=3), atol=1e-4)
         True
     """
-    return _NNPACKConv.apply(x, weight, bias, padding)
+    return _FastConv.apply(x, weight, bias, padding)
 
 
-class NNPACKConv2d(nn.Conv2d):
-    """An ``nn.Conv2d`` (square filter of 5 or more, stride 1, one group, zero padding) that runs
-    :func:`nnpack_conv` where NNPACK applies and ``nn.Conv2d``'s own convolution elsewhere. Same
-    parameters, same state dict. Made by :func:`use_nnpack` from an existing layer."""
+class NNPACKConv2d(_FastConv2d):
+    """A layer with a square filter of ``NNPACK_MIN_KERNEL`` or more that runs :func:`nnpack_conv`
+    where :func:`nnpack_applies`. Made by :func:`use_nnpack` from an existing layer."""
 
-    def forward(self, x: Tensor) -> Tensor:
-        ph, pw = self.padding
-        if ph != pw or not nnpack_applies(x, self.weight, ph):
-            return super().forward(x)
-        return nnpack_conv(x, self.weight, self.bias, ph)
+    applies = staticmethod(nnpack_applies)
 
 
 def use_nnpack(model: nn.Module) -> int:
