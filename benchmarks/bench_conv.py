@@ -91,15 +91,14 @@ def bench_layers(repeats: int) -> list[dict]:
         for key, nnpack in (("winograd", False), ("lowcon_nnpack", True)):
             if nnpack and not usable:
                 continue
-            winograd.set_nnpack(nnpack)
             if r not in winograd.KERNEL_SIZES and not nnpack:
                 continue
-            forward, backward = winograd.nnpack_conv, winograd.conv_backward
-            row[f"{key}_fwd_ms"] = fastest_ms(lambda: forward(x, w, b, pad), repeats)
-            row[f"{key}_fwd_bwd_ms"] = fastest_ms(lambda: (forward(x, w, b, pad),
-                                                           backward(grad, x, w, pad, True, True, True)), repeats)
-            row[f"{key}_rel_err"] = float((forward(x, w, b, pad) - y).abs().max() / y.abs().max())
-        winograd.set_nnpack(False)
+            forward, backward = winograd.conv_forward, winograd.conv_backward
+            row[f"{key}_fwd_ms"] = fastest_ms(lambda: forward(x, w, b, pad, nnpack), repeats)
+            row[f"{key}_fwd_bwd_ms"] = fastest_ms(lambda: (forward(x, w, b, pad, nnpack),
+                                                           backward(grad, x, w, pad, True, True, True, nnpack)),
+                                                  repeats)
+            row[f"{key}_rel_err"] = float((forward(x, w, b, pad, nnpack) - y).abs().max() / y.abs().max())
         rows.append(row)
         print(f"{name}: " + ", ".join(f"{k} {v:.3g}" for k, v in row.items() if isinstance(v, float)), flush=True)
     return rows

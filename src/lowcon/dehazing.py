@@ -22,7 +22,7 @@ from .inference import auto_device, run_padded, run_tiled
 from .methods.aecr import AECRTraining
 from .metrics.protocols import DEFAULT_PROTOCOL, get_protocol
 from .models.aecrnet import AECRNET_VARIANTS, AECRNet, build_aecrnet
-from .models.winograd import set_band_size, set_nnpack, use_winograd
+from .models.winograd import set_band_size, use_winograd
 from .report import markdown_table, write_text_atomic
 from .training import Trainer, load_checkpoint, save_checkpoint
 from .training.memory import check_allocator_settings, configure_allocator
@@ -136,10 +136,9 @@ def build_network(cfg: DehazeConfig) -> AECRNet:
         checkpoint_blocks=cfg.activation_checkpointing,
     )
     if cfg.winograd:
+        # without NNPACK: an in-process A/B of AECR-Net's training step gave no clear gain
+        # (benchmarks/README.md)
         use_winograd(net)
-    # NNPACK stays off for AECR-Net (a translation run may have turned it on in this process): an
-    # in-process A/B of its training step gave no clear gain (benchmarks/README.md)
-    set_nnpack(False)
     return net
 
 

@@ -40,7 +40,7 @@ from lowcon.methods.cyclegan import CycleGAN
 from lowcon.models.init import init_weights
 from lowcon.models.patch_discriminator import PatchDiscriminator
 from lowcon.models.resnet_generator import ResnetGenerator
-from lowcon.models.winograd import set_nnpack, use_nnpack, use_winograd
+from lowcon.models.winograd import use_nnpack, use_winograd
 from lowcon.models.stylegan2 import (
     StyleGAN2Discriminator,
     StyleGAN2Generator,
@@ -347,7 +347,7 @@ def _generator_network(cfg: TranslationConfig, checkpoint_blocks: bool = False) 
         antialias_up=cfg.antialias_up, nce_layers=nce_layers, checkpoint_blocks=checkpoint_blocks,
     )
     if cfg.winograd:
-        use_winograd(net, WINOGRAD_MIN_CHANNELS)
+        use_winograd(net, WINOGRAD_MIN_CHANNELS, nnpack=cfg.nnpack)
     if cfg.nnpack:
         use_nnpack(net)  # the 7x7 convolutions
     return net
@@ -365,15 +365,13 @@ def build_discriminator(cfg: TranslationConfig) -> nn.Module:
         return StyleGAN2Discriminator(3, ndf=cfg.ndf, size=stylegan2_resolution(cfg.crop_size))
     net = PatchDiscriminator(3, ndf=cfg.ndf, n_layers=cfg.n_layers_D, norm=cfg.norm, antialias=cfg.antialias)
     if cfg.winograd:
-        use_winograd(net, WINOGRAD_MIN_CHANNELS)
+        use_winograd(net, WINOGRAD_MIN_CHANNELS, nnpack=cfg.nnpack)
     return init_weights(net, cfg.init_type, cfg.init_gain)
 
 
 def build_method(cfg: TranslationConfig, steps_per_epoch: int, device: Union[str, torch.device] = "cpu"):
-    """The :class:`CUT` or :class:`CycleGAN` of `cfg`, networks initialised and on `device`.
-    Also turns NNPACK on or off for this process as `cfg` says (``nnpack``)."""
+    """The :class:`CUT` or :class:`CycleGAN` of `cfg`, networks initialised and on `device`."""
     device = torch.device(device)
-    set_nnpack(cfg.nnpack)
     common = dict(gan_mode=cfg.gan_mode, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), n_epochs=cfg.n_epochs,
                   n_epochs_decay=cfg.n_epochs_decay, steps_per_epoch=steps_per_epoch, direction=cfg.direction,
                   autocast_dtype=torch.bfloat16 if cfg.bf16 else None)
@@ -541,7 +539,6 @@ def load_translator(
     if key not in weights:
         raise CheckpointError(f"{path}: no {key} weights (has {sorted(weights)})")
     generator = _generator_network(cfg)  # a saved config without netG (older lowcon) gets the resnet default
-    set_nnpack(cfg.nnpack)
     try:
         generator.load_state_dict(weights[key])
     except RuntimeError as err:

@@ -60,7 +60,7 @@ def test_constant_image_and_filter_by_hand():
     assert torch.allclose(w.grad, torch.full_like(w, 35.0), atol=1e-4)  # each tap sees 5 x 7 ones
 
 
-def _against_float64(x_shape, o, r, padding, seed):
+def _against_float64(x_shape, o, r, padding, seed, nnpack=False):
     """winograd_conv of a float32 copy of float64 (x, weight, bias), and its backward of a float64
     gradient, beside F.conv2d and its backward in float64: (output, reference) and the
     (float32, float64) gradient pairs of x, weight and bias."""
@@ -69,7 +69,7 @@ def _against_float64(x_shape, o, r, padding, seed):
     w = torch.randn(o, x_shape[1], r, r, dtype=torch.float64, generator=gen)
     bias = torch.randn(o, dtype=torch.float64, generator=gen)
     xs, ws, bs = (t.float().requires_grad_() for t in (x, w, bias))
-    y = winograd_conv(xs, ws, bs, padding)
+    y = winograd_conv(xs, ws, bs, padding, nnpack=nnpack)
     grad = torch.randn(y.shape, dtype=torch.float64, generator=gen)
     y.backward(grad.float())
     xd, wd, bd = (t.clone().requires_grad_() for t in (x, w, bias))
@@ -228,8 +228,7 @@ needs_nnpack = pytest.mark.skipif(not wg.nnpack_works(), reason="this torch buil
 
 @pytest.fixture
 def nnpack_on(monkeypatch):
-    """NNPACK turned on, OpenMP said to spin briefly, and a count of the NNPACK calls."""
-    monkeypatch.setattr(wg, "_NNPACK_WANTED", True)
+    """OpenMP said to spin briefly, and a count of the NNPACK calls."""
     monkeypatch.setenv("GOMP_SPINCOUNT", "20000")
     calls = []
     real = wg._nnpack_conv
@@ -240,7 +239,7 @@ def nnpack_on(monkeypatch):
 @needs_nnpack
 @pytest.mark.parametrize("b, r, padding", [(1, 3, 1), (2, 3, 0), (2, 4, 1), (1, 4, 0)])
 def test_nnpack_values_and_gradients_match_float64_direct_convolution(nnpack_on, b, r, padding):
-    (y, ref), (gx, gw, gb) = _against_float64((b, 6, 61, 64), 5, r, padding, seed=10 * r + padding)
+    (y, ref), (gx, gw, gb) = _against_float64((b, 6, 61, 64), 5, r, padding, seed=10 * r + padding, nnpack=True)
     # the forward pass and the input gradient went through NNPACK
     assert nnpack_on == [(b, 6, 61, 64), y.shape]
     assert y.shape == ref.shape
@@ -253,21 +252,20 @@ def test_nnpack_values_and_gradients_match_float64_direct_convolution(nnpack_on,
 
 @needs_nnpack
 def test_nnpack_serves_only_large_maps_and_only_when_openmp_spins_briefly(nnpack_on, monkeypatch):
+    w = torch.randn(3, 4, 3, 3)
     small = torch.randn(1, 4, wg.NNPACK_MIN_SIDE - 1, 80, requires_grad=True)
-    winograd_conv(small, torch.randn(3, 4, 3, 3), padding=1).sum().backward()
+    winograd_conv(small, w, padding=1, nnpack=True).sum().backward()
     assert nnpack_on == []  # 55 rows: lowcon's transforms, forward and backward
     too_large = torch.randn(1, 4, 513, 512)  # above NNPACK_MAX_PIXELS: its scratch would grow with it
-    winograd_conv(too_large, torch.randn(3, 4, 3, 3), padding=1)
+    winograd_conv(too_large, w, padding=1, nnpack=True)
     assert nnpack_on == []
     large = torch.randn(1, 4, wg.NNPACK_MIN_SIDE, 80)
-    winograd_conv(large, torch.randn(3, 4, 3, 3), padding=1)
+    winograd_conv(large, w, padding=1, nnpack=True)
+    assert len(nnpack_on) == 1
+    winograd_conv(large, w, padding=1)  # not asked for
     assert len(nnpack_on) == 1
     monkeypatch.setenv("GOMP_SPINCOUNT", "300000")  # OpenMP's default spinning: the pools compete
-    winograd_conv(large, torch.randn(3, 4, 3, 3), padding=1)
-    assert len(nnpack_on) == 1
-    monkeypatch.setenv("GOMP_SPINCOUNT", "20000")
-    wg.set_nnpack(False)
-    winograd_conv(large, torch.randn(3, 4, 3, 3), padding=1)
+    winograd_conv(large, w, padding=1, nnpack=True)
     assert len(nnpack_on) == 1
 
 
@@ -284,30 +282,36 @@ def test_without_nnpack_in_torch_the_own_transforms_run(monkeypatch):
     monkeypatch.setattr(wg, "_nnpack_state", {})
     monkeypatch.setattr(torch, "_nnpack_available", lambda: False)
     assert wg.nnpack_works() is False
-    monkeypatch.setattr(wg, "_NNPACK_WANTED", True)
     monkeypatch.setenv("GOMP_SPINCOUNT", "20000")
     assert wg.nnpack_usable() is False
     x = torch.randn(1, 4, 64, 64)
     w = torch.randn(3, 4, 3, 3)
-    assert _relative(winograd_conv(x, w, padding=1), F.conv2d(x.double(), w.double(), padding=1)) < 2e-5
+    got = winograd_conv(x, w, padding=1, nnpack=True)
+    assert _relative(got, F.conv2d(x.double(), w.double(), padding=1)) < 2e-5
 
 
-def test_translation_configs_turn_nnpack_on_and_off(monkeypatch):
+def test_translation_configs_turn_nnpack_on_and_off_per_network():
+    from lowcon.dehazing import DehazeConfig, build_network
     from lowcon.translation import TranslationConfig, build_method
 
-    monkeypatch.setattr(wg, "_NNPACK_WANTED", False)
-    small = dict(method="fastcut", ngf=8, ndf=8, n_blocks=1, nce_layers=(0, 4))
-    build_method(TranslationConfig(**small), steps_per_epoch=1)
-    assert wg._NNPACK_WANTED is True
-    build_method(TranslationConfig(**small, nnpack=False), steps_per_epoch=1)
-    assert wg._NNPACK_WANTED is False
+    def flags(net):
+        return [m.nnpack for m in net.modules() if isinstance(m, wg.WinogradConv2d)]
+
+    small = dict(method="fastcut", ngf=64, ndf=64, n_blocks=1, nce_layers=(0, 4))
+    on = build_method(TranslationConfig(**small), steps_per_epoch=1)
+    # G's and D's Winograd layers (128 channels and more) ask for NNPACK
+    on_g, on_d = flags(on.G), flags(on.D)
+    assert len(on_g) == 6 and all(on_g) and len(on_d) == 3 and all(on_d)
+    off = build_method(TranslationConfig(**small, nnpack=False), steps_per_epoch=1)
+    assert flags(off.G) == [False] * 6 and flags(off.D) == [False] * 3
+    # each network keeps its own: building another (or AECR-Net, which never asks) changes nothing
+    aecr = flags(build_network(DehazeConfig()))
+    assert flags(on.G) == on_g and aecr and not any(aecr)
     # the 7x7 convolutions are switched whatever `winograd` says, and only with `nnpack`
     method = build_method(TranslationConfig(**small, winograd=False), steps_per_epoch=1)
-    assert wg._NNPACK_WANTED is True
     assert sum(type(m) is wg.NNPACKConv2d for m in method.G.modules()) == 2
     assert sum(type(m) is wg.WinogradConv2d for m in method.G.modules()) == 0
-    method = build_method(TranslationConfig(**small, nnpack=False), steps_per_epoch=1)
-    assert sum(type(m) is wg.NNPACKConv2d for m in method.G.modules()) == 0
+    assert sum(type(m) is wg.NNPACKConv2d for m in off.G.modules()) == 0
 
 
 @needs_nnpack
@@ -340,13 +344,14 @@ def test_nnpack_7x7_values_and_gradients_match_float64_direct_convolution(nnpack
 
 
 def test_use_nnpack_switches_only_large_stride_1_filters(monkeypatch):
-    monkeypatch.setattr(wg, "_NNPACK_WANTED", False)
+    monkeypatch.delenv("GOMP_SPINCOUNT", raising=False)  # OpenMP's default spinning: NNPACK not usable
+    monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
     net = nn.Sequential(nn.Conv2d(3, 8, 7), nn.Conv2d(8, 8, 7, stride=2), nn.Conv2d(8, 8, 3),
                         nn.Conv2d(8, 8, 5, groups=2), nn.Conv2d(8, 8, 5, padding=2, padding_mode="reflect"),
                         nn.Conv2d(8, 3, 5))
     assert wg.use_nnpack(net) == 2
     assert [type(m) is wg.NNPACKConv2d for m in net] == [True, False, False, False, False, True]
-    # Without NNPACK usable (here: not turned on) the layer is nn.Conv2d's own.
+    # Without NNPACK usable (here: OpenMP spins long) the layer is nn.Conv2d's own.
     x = torch.randn(1, 3, 60, 60)
     assert torch.equal(net[0](x), F.conv2d(x, net[0].weight, net[0].bias))
 
@@ -361,7 +366,7 @@ def test_a_generator_trains_the_same_through_nnpack(nnpack_on, monkeypatch):
     plain = ResnetGenerator(ngf=8, n_blocks=1, nce_layers=(0, 4))
     fast = ResnetGenerator(ngf=8, n_blocks=1, nce_layers=(0, 4))
     fast.load_state_dict(plain.state_dict())
-    assert use_winograd(fast, 8) > 0 and wg.use_nnpack(fast) == 2
+    assert use_winograd(fast, 8, nnpack=True) > 0 and wg.use_nnpack(fast) == 2
     x = torch.randn(1, 3, 64, 64)
     grads = []
     for net in (plain, fast):
@@ -373,3 +378,10 @@ def test_a_generator_trains_the_same_through_nnpack(nnpack_on, monkeypatch):
     # all parameters' gradients as one vector: the biases before instance norm have a gradient
     # of zero but for rounding, so each on its own would compare noise with noise
     assert _relative(grads[1][1], grads[0][1].double()) < 1e-4
+    # the same network's 3x3 layers switched without asking for NNPACK: lowcon's own transforms,
+    # fused runs included
+    calls = len(nnpack_on)
+    own = ResnetGenerator(ngf=8, n_blocks=1, nce_layers=(0, 4))
+    assert use_winograd(own, 8) > 0
+    own(x).sum().backward()
+    assert len(nnpack_on) == calls

@@ -29,7 +29,7 @@ from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 
 from lowcon.models.blur import _PAD_MODES, Downsample, Upsample
-from lowcon.models.winograd import NNPACKConv2d, WinogradConv2d, conv_backward, direct, nnpack_conv
+from lowcon.models.winograd import NNPACKConv2d, WinogradConv2d, conv_backward, conv_forward, direct
 
 
 @dataclass(frozen=True)
@@ -42,8 +42,9 @@ class FusedSpec:
         pre: a fixed function between the activation and the convolution (padding, upsampling),
             with no parameters; ``None`` for none.
         stride, padding, groups: the convolution's (zero padding).
-        fast: run the convolution through :mod:`lowcon.models.winograd` (NNPACK or lowcon's
-            Winograd, as its layers do; :func:`~lowcon.models.winograd.conv_backward`).
+        fast: run the convolution through :mod:`lowcon.models.winograd` (lowcon's Winograd, as
+            its layers do; :func:`~lowcon.models.winograd.conv_backward`).
+        nnpack: with `fast`, NNPACK where it serves, as the layer asks (its ``nnpack`` flag).
     """
 
     eps: Optional[float]
@@ -53,6 +54,7 @@ class FusedSpec:
     padding: int = 0
     groups: int = 1
     fast: bool = False
+    nnpack: bool = False
 
 
 def _act(x: Tensor, slope: float) -> Tensor:
@@ -78,8 +80,8 @@ class NormActConv(torch.autograd.Function):
             x = spec.pre(x)
         ctx.save_for_backward(h, weight)
         ctx.spec, ctx.has_bias = spec, bias is not None
-        if spec.fast:  # (autograd is off inside forward: this records nothing)
-            return nnpack_conv(x, weight, bias, spec.padding)
+        if spec.fast:
+            return conv_forward(x, weight, bias, spec.padding, spec.nnpack)
         return F.conv2d(x, weight, bias, stride=spec.stride, padding=spec.padding, groups=spec.groups)
 
     @staticmethod
@@ -100,7 +102,8 @@ class NormActConv(torch.autograd.Function):
             x = act
         need_w, need_b = ctx.needs_input_grad[1], ctx.has_bias and ctx.needs_input_grad[2]
         if spec.fast:
-            grad_x, grad_w, grad_b = conv_backward(grad, x.detach(), weight, spec.padding, True, need_w, need_b)
+            grad_x, grad_w, grad_b = conv_backward(grad, x.detach(), weight, spec.padding, True, need_w, need_b,
+                                                   spec.nnpack)
         else:
             grad_x, grad_w, grad_b = torch.ops.aten.convolution_backward(
                 grad, x.detach(), weight, [weight.shape[0]] if ctx.has_bias else None, [spec.stride] * 2,
@@ -160,7 +163,7 @@ def norm_act_conv(h: Tensor, conv: nn.Conv2d, spec: FusedSpec) -> Tensor:
         elif isinstance(spec.pre, Upsample):
             height, width = 2 * height, 2 * width
         if conv.applies(h, conv.weight, spec.padding, size=(height, width)):
-            spec = replace(spec, fast=True)
+            spec = replace(spec, fast=True, nnpack=conv.nnpack)
     return NormActConv.apply(h, conv.weight, conv.bias, spec)
 
 

@@ -23,8 +23,9 @@ most ``winograd_band_mb`` (:func:`set_band_size`). Nothing is compiled: it runs 
 (parameters and state-dict keys unchanged); each layer falls back to ``F.conv2d`` at run time for
 inputs the fast path does not cover (not float32, not on the CPU, under autocast).
 
-Where it is faster, the forward pass and the input gradient run NNPACK's kernels instead
-(:func:`set_nnpack`, off unless a caller turns it on; the translation configs' ``nnpack`` key):
+Where it is faster, the forward pass and the input gradient run NNPACK's kernels instead, in the
+layers that ask for it (``use_winograd(model, nnpack=True)``, the translation configs' ``nnpack``
+key; AECR-Net's layers do not):
 a hand-written AVX2 library of Winograd F(6x6, 3x3) and FFT convolutions that ships inside torch
 (``torch._nnpack_spatial_convolution``; torch itself uses it for inference only). It is 1.2-2x
 faster on outputs of 56x56 and more (``benchmarks/bench_conv.py``) and slower on smaller ones,
@@ -135,24 +136,15 @@ WINOGRAD_MIN_CHANNELS = 128
 
 
 # NNPACK serves the forward pass and the input gradient of outputs at least this wide and high
-# (smaller maps are faster with lowcon's transforms; benchmarks/README.md). Set by set_nnpack.
+# (smaller maps are faster with lowcon's transforms; benchmarks/README.md), in the layers that ask.
 NNPACK_MIN_SIDE = 56
 # ... and at most this many pixels: NNPACK transforms a whole image at once into a scratch buffer
 # that torch keeps for the process (about 0.4 GB more peak for a 512x512 translation), where
 # lowcon's transforms work in bounded bands.
 NNPACK_MAX_PIXELS = 512 * 512
-_NNPACK_WANTED = False
 _nnpack_state: dict[str, bool] = {}
 # OpenMP spin counts up to this count as "stops spinning soon" (see the module docstring).
 _MAX_SPINCOUNT = 100_000
-
-
-def set_nnpack(enabled: bool) -> None:
-    """Let the forward passes and input gradients of outputs of ``NNPACK_MIN_SIDE`` or more each
-    way and at most ``NNPACK_MAX_PIXELS`` run NNPACK's kernels (in this process), where
-    :func:`nnpack_usable` says it can."""
-    global _NNPACK_WANTED
-    _NNPACK_WANTED = bool(enabled)
 
 
 def openmp_spins_briefly(environ: dict | None = None) -> bool:
@@ -186,9 +178,9 @@ def nnpack_works() -> bool:
 
 
 def nnpack_usable() -> bool:
-    """Whether NNPACK serves the large maps now: turned on (:func:`set_nnpack`), working here
-    (:func:`nnpack_works`) and OpenMP spinning briefly (:func:`openmp_spins_briefly`)."""
-    return _NNPACK_WANTED and openmp_spins_briefly() and nnpack_works()
+    """Whether NNPACK can serve the layers that ask for it: working here (:func:`nnpack_works`)
+    and OpenMP spinning briefly (:func:`openmp_spins_briefly`)."""
+    return openmp_spins_briefly() and nnpack_works()
 
 
 def _nnpack_serves(out_h: int, out_w: int) -> bool:
@@ -310,11 +302,12 @@ def _output_size(x: Tensor, weight: Tensor, padding: int) -> tuple[int, int]:
     return x.shape[-2] + 2 * padding - r + 1, x.shape[-1] + 2 * padding - r + 1
 
 
-def _conv_forward(x: Tensor, weight: Tensor, bias: Tensor | None, padding: int) -> Tensor:
-    """``F.conv2d(x, weight, bias, padding=padding)`` (stride 1, square filter): NNPACK where it
-    serves the output, else lowcon's Winograd for 3x3 and 4x4 filters, else ``F.conv2d``."""
+def conv_forward(x: Tensor, weight: Tensor, bias: Tensor | None, padding: int, nnpack: bool = False) -> Tensor:
+    """``F.conv2d(x, weight, bias, padding=padding)`` (stride 1, square filter): with `nnpack`
+    NNPACK where it serves the output, else lowcon's Winograd for 3x3 and 4x4 filters, else
+    ``F.conv2d``."""
     out_h, out_w = _output_size(x, weight, padding)
-    if _nnpack_serves(out_h, out_w):
+    if nnpack and _nnpack_serves(out_h, out_w):
         return _nnpack_conv(x.contiguous(), weight.contiguous(), bias, padding)
     if weight.shape[-1] not in KERNEL_SIZES:
         return F.conv2d(x, weight, bias, padding=padding)
@@ -325,19 +318,19 @@ def _conv_forward(x: Tensor, weight: Tensor, bias: Tensor | None, padding: int) 
 
 
 def conv_backward(grad: Tensor, x: Tensor, weight: Tensor, padding: int, need_input: bool, need_weight: bool,
-                  need_bias: bool) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
+                  need_bias: bool, nnpack: bool = False) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
     """Gradients of ``F.conv2d(x, weight, bias, padding=padding)`` (stride 1, square filter) to
     `x`, `weight` and `bias` given `grad` to its output, each None where not needed.
 
-    The input gradient is the convolution of `grad` with the rotated, transposed filter: by NNPACK
-    where it serves `x`'s size, else by lowcon's Winograd (3x3, 4x4) or aten. The weight and bias
+    The input gradient is the convolution of `grad` with the rotated, transposed filter: with
+    `nnpack` by NNPACK where it serves `x`'s size, else by lowcon's Winograd (3x3, 4x4) or aten. The weight and bias
     gradients: lowcon's Winograd for 3x3 and 4x4 filters, aten (oneDNN) for the others."""
     grad = grad.contiguous()
     r = weight.shape[-1]
     winograd = r in KERNEL_SIZES
     grad_x = grad_w = grad_b = None
     if need_input:
-        if _nnpack_serves(*x.shape[-2:]):
+        if nnpack and _nnpack_serves(*x.shape[-2:]):
             grad_x = _nnpack_conv(grad, weight.flip(2, 3).transpose(0, 1).contiguous(), None, r - 1 - padding)
         elif winograd:
             grad_x = conv_input_grad(grad, weight, padding)
@@ -357,21 +350,22 @@ def conv_backward(grad: Tensor, x: Tensor, weight: Tensor, padding: int, need_in
 
 
 class _FastConv(torch.autograd.Function):
-    """:func:`_conv_forward` and :func:`conv_backward` as one Function. Keeps the unpadded input
+    """:func:`conv_forward` and :func:`conv_backward` as one Function. Keeps the unpadded input
     for backward; a padded copy lives only inside each call."""
 
     @staticmethod
-    def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor | None, padding: int) -> Tensor:  # noqa: D401
+    def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor | None, padding: int, nnpack: bool) -> Tensor:  # noqa: D401
         ctx.save_for_backward(x, weight)
-        ctx.has_bias, ctx.padding = bias is not None, padding
-        return _conv_forward(x, weight, bias, padding)
+        ctx.has_bias, ctx.padding, ctx.nnpack = bias is not None, padding, nnpack
+        return conv_forward(x, weight, bias, padding, nnpack)
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad: Tensor):
         x, weight = ctx.saved_tensors
         need_x, need_w, need_b = ctx.needs_input_grad[:3]
-        return (*conv_backward(grad, x, weight, ctx.padding, need_x, need_w, ctx.has_bias and need_b), None)
+        return (*conv_backward(grad, x, weight, ctx.padding, need_x, need_w, ctx.has_bias and need_b, ctx.nnpack),
+                None, None)
 
 
 _state = threading.local()
@@ -414,7 +408,8 @@ def fast_path_applies(x: Tensor, weight: Tensor, padding: int = 0, size: tuple[i
     return th > 0 and tw > 0 and x.shape[0] * th * tw >= _MIN_TILES
 
 
-def winograd_conv(x: Tensor, weight: Tensor, bias: Tensor | None = None, padding: int = 0) -> Tensor:
+def winograd_conv(x: Tensor, weight: Tensor, bias: Tensor | None = None, padding: int = 0, *,
+                  nnpack: bool = False) -> Tensor:
     """``F.conv2d(x, weight, bias, padding=padding)`` for a 3x3 or 4x4 filter, stride 1.
 
     Args:
@@ -422,6 +417,8 @@ def winograd_conv(x: Tensor, weight: Tensor, bias: Tensor | None = None, padding
         weight: (O, C, r, r), r = 3 or 4.
         bias: optional (O,).
         padding: zeros on each side, at most r - 1.
+        nnpack: run the forward pass and the input gradient by NNPACK where it serves the map
+            (``NNPACK_MIN_SIDE`` .. ``NNPACK_MAX_PIXELS``) and :func:`nnpack_usable`.
 
     Shape:
         Output: ``(B, O, H + 2 padding - r + 1, W + 2 padding - r + 1)``.
@@ -444,26 +441,29 @@ def winograd_conv(x: Tensor, weight: Tensor, bias: Tensor | None = None, padding
     if min(x.shape[-2:]) + 2 * padding < r:
         raise ValueError(f"x height and width plus padding must be at least {r}, got {tuple(x.shape[-2:])} "
                          f"and padding {padding}")
-    return _FastConv.apply(x, weight, bias, padding)
+    return _FastConv.apply(x, weight, bias, padding, nnpack)
 
 
 class _FastConv2d(nn.Conv2d):
     """An ``nn.Conv2d`` (stride 1, one group, zero padding) that runs :class:`_FastConv` where its
-    class's `applies` says so and ``nn.Conv2d``'s own convolution elsewhere. Same parameters, same
-    state dict."""
+    class's `applies` says so and ``nn.Conv2d``'s own convolution elsewhere; through NNPACK where
+    it serves if `nnpack` (a per-layer flag, not saved: set by :func:`use_winograd`). Same
+    parameters, same state dict."""
 
     applies: staticmethod  # (x, weight, padding) -> bool, set by each subclass
+    nnpack: bool = False
 
     def forward(self, x: Tensor) -> Tensor:
         ph, pw = self.padding
         if ph != pw or not self.applies(x, self.weight, ph):
             return super().forward(x)
-        return _FastConv.apply(x, self.weight, self.bias, ph)
+        return _FastConv.apply(x, self.weight, self.bias, ph, self.nnpack)
 
 
 class WinogradConv2d(_FastConv2d):
-    """A 3x3 or 4x4 layer that runs :func:`winograd_conv` where :func:`fast_path_applies` (NNPACK
-    or lowcon's Winograd). Made by :func:`use_winograd` from an existing layer."""
+    """A 3x3 or 4x4 layer that runs :func:`winograd_conv` where :func:`fast_path_applies` (with its
+    `nnpack` flag, NNPACK where it serves, else lowcon's Winograd). Made by :func:`use_winograd`
+    from an existing layer."""
 
     applies = staticmethod(fast_path_applies)
 
@@ -496,7 +496,7 @@ def nnpack_conv(x: Tensor, weight: Tensor, bias: Tensor | None = None, padding: 
         >>> torch.allclose(nnpack_conv(x, w, padding=3), F.conv2d(x, w, padding=3), atol=1e-4)
         True
     """
-    return _FastConv.apply(x, weight, bias, padding)
+    return _FastConv.apply(x, weight, bias, padding, True)
 
 
 class NNPACKConv2d(_FastConv2d):
@@ -504,13 +504,14 @@ class NNPACKConv2d(_FastConv2d):
     where :func:`nnpack_applies`. Made by :func:`use_nnpack` from an existing layer."""
 
     applies = staticmethod(nnpack_applies)
+    nnpack = True
 
 
 def use_nnpack(model: nn.Module) -> int:
     """Switch every plain stride-1 ``nn.Conv2d`` of `model` with a square filter of
     ``NNPACK_MIN_KERNEL`` or more (one group, zero padding) to :class:`NNPACKConv2d` in place and
     return how many were switched. Parameters and state-dict keys do not change. They run NNPACK
-    only while :func:`nnpack_usable` (:func:`set_nnpack`)."""
+    where :func:`nnpack_usable`, else ``nn.Conv2d``'s own convolution."""
     count = 0
     for module in model.modules():
         if (type(module) is nn.Conv2d and module.kernel_size[0] == module.kernel_size[1] >= NNPACK_MIN_KERNEL
@@ -530,15 +531,18 @@ def eligible(conv: nn.Module, min_channels: int) -> bool:
             and min(conv.in_channels, conv.out_channels) >= min_channels)
 
 
-def use_winograd(model: nn.Module, min_channels: int = WINOGRAD_MIN_CHANNELS) -> int:
+def use_winograd(model: nn.Module, min_channels: int = WINOGRAD_MIN_CHANNELS, *, nnpack: bool = False) -> int:
     """Switch every eligible ``nn.Conv2d`` of `model` (see :func:`eligible`) to
     :class:`WinogradConv2d` in place and return how many were switched. Parameters, buffers and
-    state-dict keys do not change, so checkpoints load either way."""
+    state-dict keys do not change, so checkpoints load either way. With `nnpack` the switched
+    layers run their forward pass and input gradient by NNPACK where it serves (these layers
+    only: other networks in the process are not affected)."""
     if not isinstance(min_channels, int) or min_channels < 1:
         raise ValueError(f"min_channels must be a positive int, got {min_channels!r}")
     count = 0
     for module in model.modules():
         if eligible(module, min_channels):
             module.__class__ = WinogradConv2d
+            module.nnpack = bool(nnpack)
             count += 1
     return count
