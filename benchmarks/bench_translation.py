@@ -28,7 +28,7 @@ import argparse
 import sys
 import tempfile
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
@@ -71,9 +71,17 @@ def _timed_steps(step, device: str, repeats: int, warmup: int) -> dict:
 
 
 def train_lowcon(method: str, size: int = 256, batch: int = 1, repeats: int = 5, warmup: int = 2,
-                 activation_checkpointing: Optional[bool] = None, heap_mmap_threshold_mb: float = 0,
-                 retain_freed_memory: bool = True, winograd: bool = True, malloc_tcache: bool = False,
-                 nnpack: bool = True, device: str = "cpu", bf16: bool = False) -> dict:
+                 device: str = "cpu", **settings) -> dict:
+    """Time lowcon's training step (:func:`lowcon_step`; `settings` are its keywords)."""
+    return _timed_steps(lowcon_step(method, size, batch, device=device, **settings), device, repeats, warmup)
+
+
+def lowcon_step(method: str, size: int = 256, batch: int = 1, activation_checkpointing: Optional[bool] = None,
+                heap_mmap_threshold_mb: float = 0, retain_freed_memory: bool = True, winograd: bool = True,
+                malloc_tcache: bool = False, nnpack: bool = True, device: str = "cpu",
+                bf16: bool = False) -> Callable[[], None]:
+    """One lowcon training step of `method`'s preset on random images, ready to call, in a
+    process set up as ``lowcon train`` sets up its own (it may start this process again)."""
     from lowcon.config import load_config, preset_path
     from lowcon.training.memory import configure_allocator, restart_with_process_settings
     from lowcon.translation import TranslationConfig, build_method
@@ -94,11 +102,19 @@ def train_lowcon(method: str, size: int = 256, batch: int = 1, repeats: int = 5,
     configure_allocator(cfg.heap_mmap_threshold_mb, cfg.retain_freed_memory)  # as train_translation does
     model = build_method(cfg, steps_per_epoch=1000, device=device)
     data = {k: v.to(device) for k, v in _images(size, batch).items()}
-    return _timed_steps(lambda: model.train_step(data), device, repeats, warmup)
+    return lambda: model.train_step(data)
 
 
 def train_official(official: str, method: str, size: int = 256, batch: int = 1,
                    repeats: int = 5, warmup: int = 2, device: str = "cpu") -> dict:
+    """Time the official code's training step (:func:`official_step`)."""
+    return _timed_steps(official_step(official, method, size, batch, device), device, repeats, warmup)
+
+
+def official_step(official: str, method: str, size: int = 256, batch: int = 1,
+                  device: str = "cpu") -> Callable[[], None]:
+    """One training step of the official code's model for `method`, ready to call, driven as its
+    ``train.py`` drives it."""
     import numpy as np
 
     root = Path(official)
@@ -138,7 +154,7 @@ def train_official(official: str, method: str, size: int = 256, batch: int = 1,
         model.set_input(data)
         model.optimize_parameters()
 
-    return _timed_steps(step, device, repeats, warmup)
+    return step
 
 
 def main(argv: Optional[list[str]] = None) -> dict:

@@ -71,3 +71,45 @@ def test_time_repeats_outside_paired_mode_runs_its_own_counts(common, monkeypatc
     with pytest.raises(ValueError, match="repeats"):
         common.time_repeats(lambda: None, repeats=0, warmup=0)
 
+
+
+def test_split_files_each_convolution_under_its_kind():
+    # benchmarks/bench_split.py: the kinds come from the calls' own arguments, as a
+    # TorchDispatchMode sees them
+    import torch
+    import torch.nn.functional as F
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    spec = importlib.util.spec_from_file_location("bench_split_under_test", BENCH / "bench_split.py")
+    split = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(split)
+    seen = []
+
+    class Record(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            name = str(func.overloadpacket).split(".")[-1]
+            if name in ("convolution", "convolution_backward", "bmm", "mm"):
+                seen.append(split.kind_of(name, args))
+            return func(*args, **(kwargs or {}))
+
+    x = torch.randn(1, 4, 12, 12, requires_grad=True)
+    calls = [
+        (lambda: F.conv2d(x, torch.randn(6, 4, 3, 3), padding=1), split.KINDS[0]),
+        (lambda: F.conv2d(x, torch.randn(6, 4, 3, 3), stride=2, padding=1), split.KINDS[1]),
+        (lambda: F.conv_transpose2d(x, torch.randn(4, 6, 3, 3), stride=2, padding=1, output_padding=1),
+         split.KINDS[1]),
+        (lambda: F.conv2d(x, torch.randn(6, 4, 7, 7), padding=3), split.KINDS[2]),
+        (lambda: F.conv2d(x, torch.randn(4, 1, 3, 3), stride=2, groups=4), split.KINDS[3]),
+        # a Winograd transform: 36 kernels over one channel, at the tile's stride
+        (lambda: F.conv2d(x.detach().view(4, 1, 12, 12), torch.randn(36, 1, 6, 6), stride=4), split.KINDS[0]),
+        (lambda: torch.bmm(torch.randn(36, 5, 4), torch.randn(36, 4, 3)), split.KINDS[0]),
+        (lambda: torch.bmm(torch.randn(1, 5, 4), torch.randn(1, 4, 3)), split.KINDS[4]),  # PatchNCE's logits
+        (lambda: torch.mm(torch.randn(16, 36), torch.randn(36, 8)), split.KINDS[0]),
+    ]
+    for fn, kind in calls:
+        seen.clear()
+        with Record():
+            out = fn()
+            if out.requires_grad:
+                out.sum().backward()
+        assert seen and set(seen) == {kind}, (kind, seen)

@@ -75,7 +75,11 @@ class NormActConv(torch.autograd.Function):
     @staticmethod
     def forward(ctx, h: Tensor, weight: Tensor, bias: Optional[Tensor], spec: FusedSpec) -> Tensor:  # noqa: D401
         # The same kernels as the plain modules, so the forward values are bit for bit theirs.
-        x = _act(F.instance_norm(h, eps=spec.eps) if spec.eps is not None else h, spec.slope)
+        if spec.eps is not None:  # the norm's output is ours: activated in place, one map fewer
+            x = F.instance_norm(h, eps=spec.eps)
+            x = x.relu_() if spec.slope == 0 else F.leaky_relu_(x, spec.slope)
+        else:
+            x = _act(h, spec.slope)
         if spec.pre is not None:
             x = spec.pre(x)
         ctx.save_for_backward(h, weight)
