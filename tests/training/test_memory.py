@@ -118,13 +118,13 @@ restart_with_process_settings([sys.executable, "-c", sys.argv[1] if len(sys.argv
     ({"GLIBC_TUNABLES": "glibc.malloc.mxfast=0"},
      ["run False glibc.malloc.mxfast=0", "run True glibc.malloc.mxfast=0:glibc.malloc.tcache_count=0"]),
     ({"LOWCON_NO_RESTART": "1"}, ["run False "]),
-    ({"LOWCON_MALLOC_RESTARTED": "1"}, ["run False "]),
+    ({"LOWCON_RESTARTED": "1"}, ["run False "]),
 ])
 def test_a_process_restarts_once_with_the_tcache_off(env, runs):
     import os
 
     clean = {k: v for k, v in os.environ.items()
-             if k not in ("GLIBC_TUNABLES", "LOWCON_NO_RESTART", "LOWCON_MALLOC_RESTARTED")}
+             if k not in ("GLIBC_TUNABLES", "LOWCON_NO_RESTART", "LOWCON_RESTARTED")}
     done = subprocess.run([sys.executable, "-c", RESTART, RESTART], capture_output=True, text=True, timeout=120,
                           env={**clean, **env})
     assert done.returncode == 0, done.stderr
@@ -151,7 +151,7 @@ def test_a_process_restarts_once_with_openmp_spinning_briefly(env, runs):
     import os
 
     clean = {k: v for k, v in os.environ.items()
-             if k not in ("GLIBC_TUNABLES", "LOWCON_NO_RESTART", "LOWCON_MALLOC_RESTARTED", "GOMP_SPINCOUNT",
+             if k not in ("GLIBC_TUNABLES", "LOWCON_NO_RESTART", "LOWCON_RESTARTED", "GOMP_SPINCOUNT",
                           "OMP_WAIT_POLICY")}
     done = subprocess.run([sys.executable, "-c", RESTART_SPIN, RESTART_SPIN], capture_output=True, text=True,
                           timeout=120, env={**clean, **env})
@@ -198,7 +198,7 @@ def test_translate_restarts_with_openmp_spinning_briefly(monkeypatch):
     import lowcon.translation
     from lowcon import cli
 
-    for key in ("GOMP_SPINCOUNT", "OMP_WAIT_POLICY", "LOWCON_NO_RESTART", "LOWCON_MALLOC_RESTARTED", "GLIBC_TUNABLES"):
+    for key in ("GOMP_SPINCOUNT", "OMP_WAIT_POLICY", "LOWCON_NO_RESTART", "LOWCON_RESTARTED", "GLIBC_TUNABLES"):
         monkeypatch.delenv(key, raising=False)
     seen = []
     monkeypatch.setattr(os, "execve", lambda path, argv, env: seen.append((argv, env)))

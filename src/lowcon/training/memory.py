@@ -45,7 +45,7 @@ TCACHE_OFF = "glibc.malloc.tcache_count=0"
 # What the restart sets GOMP_SPINCOUNT to (OpenMP's default is 300000 spins).
 OPENMP_SPINCOUNT = 20_000
 # Set in the restarted process: never restart twice, even if glibc ignored the tunable.
-_RESTARTED = "LOWCON_MALLOC_RESTARTED"
+_RESTARTED = "LOWCON_RESTARTED"
 
 # mallopt parameters (malloc.h)
 _M_TRIM_THRESHOLD = -1
