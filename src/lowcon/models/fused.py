@@ -42,8 +42,9 @@ class FusedSpec:
         pre: a fixed function between the activation and the convolution (padding, upsampling),
             with no parameters; ``None`` for none.
         stride, padding, groups: the convolution's (zero padding).
-        fast: run the convolution through :mod:`lowcon.models.winograd` (lowcon's Winograd, as
-            its layers do; :func:`~lowcon.models.winograd.conv_backward`).
+        fast: run the convolution as the layers of :mod:`lowcon.models.winograd` do
+            (:func:`~lowcon.models.winograd.conv_forward` and
+            :func:`~lowcon.models.winograd.conv_backward`).
         nnpack: with `fast`, NNPACK where it serves, as the layer asks (its ``nnpack`` flag).
     """
 
