@@ -32,7 +32,7 @@ from typing import Callable, Optional
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from common import THREADS, machine_info, machine_line, markdown_table, write_json  # noqa: E402
+from common import THREADS, machine_info, machine_line, markdown_table, write_results  # noqa: E402
 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
@@ -212,10 +212,7 @@ def main(argv: Optional[list[str]] = None) -> dict:
     results = {"machine": machine_info(), "args": vars(args), "layers": bench_layers(args.repeats),
                "products": bench_products(args.repeats)}
     results["steps"] = bench_steps(methods, args.steps) if args.steps else []
-    write_json(args.out, results)
-    text = report(results)
-    Path(args.out).with_name(Path(args.out).stem + "_report.md").write_text(text)
-    print(text)
+    write_results(args.out, results, report(results))
     return results
 
 

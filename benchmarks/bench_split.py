@@ -37,7 +37,7 @@ from typing import Callable, Optional
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from common import machine_info, machine_line, markdown_table, run_case, write_json  # noqa: E402
+from common import machine_info, machine_line, markdown_table, run_case, write_results  # noqa: E402
 
 import torch  # noqa: E402
 
@@ -165,10 +165,7 @@ def main(argv: Optional[list[str]] = None) -> dict:
         results["methods"][method] = sides
         print(f"{method}: " + ", ".join(f"{side} {res.get('step_s', res.get('error'))}" for side, res in sides.items()),
               file=sys.stderr, flush=True)
-    write_json(args.out, results)
-    text = report(results)
-    Path(args.out).with_name(Path(args.out).stem + "_report.md").write_text(text)
-    print(text)
+    write_results(args.out, results, report(results))
     return results
 
 

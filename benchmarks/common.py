@@ -27,7 +27,7 @@ from typing import Any, Callable, Optional, Sequence
 
 __all__ = [
     "RESULT_MARKER", "peak_rss_gb", "time_repeats", "run_case", "run_rounds", "run_paired", "paired_ratio",
-    "machine_info", "markdown_table", "write_json", "fmt",
+    "machine_info", "markdown_table", "write_json", "write_results", "fmt",
 ]
 
 RESULT_MARKER = "@@BENCH-RESULT@@ "
@@ -360,6 +360,14 @@ def write_json(path: str | os.PathLike, payload: dict) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(payload, indent=2) + "\n")
+
+
+def write_results(path: str | os.PathLike, payload: dict, report: str) -> None:
+    """`payload` as JSON at `path`, `report` (markdown) beside it as ``<stem>_report.md``, and the
+    report printed."""
+    write_json(path, payload)
+    Path(path).with_name(Path(path).stem + "_report.md").write_text(report)
+    print(report)
 
 
 if __name__ == "__main__":

@@ -62,6 +62,11 @@ def _act(x: Tensor, slope: float) -> Tensor:
     return F.relu(x) if slope == 0 else F.leaky_relu(x, slope)
 
 
+def _act_(x: Tensor, slope: float) -> Tensor:
+    """:func:`_act` in place, on a map nothing else holds."""
+    return x.relu_() if slope == 0 else F.leaky_relu_(x, slope)
+
+
 class NormActConv(torch.autograd.Function):
     """``conv2d(pre(act(instance_norm(h))), weight, bias)`` as set by a :class:`FusedSpec`,
     keeping only `h` and `weight` for backward.
@@ -78,7 +83,7 @@ class NormActConv(torch.autograd.Function):
         # The same kernels as the plain modules, so the forward values are bit for bit theirs.
         if spec.eps is not None:  # the norm's output is ours: activated in place, one map fewer
             x = F.instance_norm(h, eps=spec.eps)
-            x = x.relu_() if spec.slope == 0 else F.leaky_relu_(x, spec.slope)
+            x = _act_(x, spec.slope)
         else:
             x = _act(h, spec.slope)
         if spec.pre is not None:
@@ -96,7 +101,7 @@ class NormActConv(torch.autograd.Function):
         spec: FusedSpec = ctx.spec
         if spec.eps is not None:
             normed, mean, invstd = _instance_norm_with_stats(h, spec.eps)
-            act = normed.relu_() if spec.slope == 0 else F.leaky_relu_(normed, spec.slope)
+            act = _act_(normed, spec.slope)
         else:
             act = _act(h, spec.slope)
         if spec.pre is not None:

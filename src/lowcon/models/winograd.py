@@ -507,6 +507,13 @@ class NNPACKConv2d(_FastConv2d):
     nnpack = True
 
 
+def _plain_stride_1(conv: nn.Module) -> bool:
+    """Whether `conv` is a plain ``nn.Conv2d`` (not a subclass) of stride 1, one group, no
+    dilation and numeric zero padding: what both fast layers replace."""
+    return (type(conv) is nn.Conv2d and conv.stride == (1, 1) and conv.dilation == (1, 1) and conv.groups == 1
+            and conv.padding_mode == "zeros" and not isinstance(conv.padding, str))
+
+
 def use_nnpack(model: nn.Module) -> int:
     """Switch every plain stride-1 ``nn.Conv2d`` of `model` with a square filter of
     ``NNPACK_MIN_KERNEL`` or more (one group, zero padding) to :class:`NNPACKConv2d` in place and
@@ -514,9 +521,7 @@ def use_nnpack(model: nn.Module) -> int:
     where :func:`nnpack_usable`, else ``nn.Conv2d``'s own convolution."""
     count = 0
     for module in model.modules():
-        if (type(module) is nn.Conv2d and module.kernel_size[0] == module.kernel_size[1] >= NNPACK_MIN_KERNEL
-                and module.stride == (1, 1) and module.dilation == (1, 1) and module.groups == 1
-                and module.padding_mode == "zeros" and not isinstance(module.padding, str)):
+        if _plain_stride_1(module) and module.kernel_size[0] == module.kernel_size[1] >= NNPACK_MIN_KERNEL:
             module.__class__ = NNPACKConv2d
             count += 1
     return count
@@ -525,9 +530,7 @@ def use_nnpack(model: nn.Module) -> int:
 def eligible(conv: nn.Module, min_channels: int) -> bool:
     """Whether `conv` is a plain 3x3 or 4x4 stride-1 ``nn.Conv2d`` with zero padding and at least
     `min_channels` input and output channels (below that the transforms cost more than they save)."""
-    return (type(conv) is nn.Conv2d and conv.kernel_size in ((3, 3), (4, 4)) and conv.stride == (1, 1)
-            and conv.dilation == (1, 1) and conv.groups == 1 and conv.padding_mode == "zeros"
-            and not isinstance(conv.padding, str)
+    return (_plain_stride_1(conv) and conv.kernel_size in ((3, 3), (4, 4))
             and min(conv.in_channels, conv.out_channels) >= min_channels)
 
 
