@@ -9,7 +9,7 @@ networks (9-block ResNet generator, 3-layer PatchGAN, PatchNCE head of width 256
 for CUT / FastCUT). Each case runs in a fresh process (see ``common.py``), 2 torch threads.
 With ``--device cuda`` both sides run on the GPU (the official code with ``--gpu_ids 0``), each
 step waits for the GPU, and the report adds the GPU's peak allocated memory; ``--bf16`` runs
-lowcon with ``bf16: true``. (Not yet run on a GPU: none was lent while this was written.)
+lowcon with ``bf16: true``; targets and ordering then use the GPU's peak memory.
 
 ``--official DIR`` is a checkout of github.com/taesungp/contrastive-unpaired-translation. Its
 models are built in-process from its own option parser (``--gpu_ids -1``) and driven as its
@@ -55,8 +55,11 @@ def _images(size: int, batch: int) -> dict:
 
 
 def _timed_steps(step, device: str, repeats: int, warmup: int) -> dict:
-    """`time_repeats` of `step`, waiting for the GPU after each step when `device` is cuda; then
-    the GPU's peak allocated memory (``torch.cuda.max_memory_allocated``) as ``peak_gpu_gb``."""
+    """`time_repeats` of `step`, waiting for the GPU after each step when `device` is cuda. On a
+    GPU also its peak allocated memory (``torch.cuda.max_memory_allocated``): over the warm-up
+    steps, where cuDNN's autotuner tries its algorithms in workspaces of many GB
+    (``peak_gpu_warmup_gb``), and over the timed steps, the memory training keeps needing
+    (``peak_gpu_gb``)."""
     cuda = device.startswith("cuda")
 
     def synced() -> None:
@@ -64,10 +67,14 @@ def _timed_steps(step, device: str, repeats: int, warmup: int) -> dict:
         if cuda:
             torch.cuda.synchronize()
 
-    result = time_repeats(synced, repeats, warmup)
-    if cuda:
-        result["peak_gpu_gb"] = torch.cuda.max_memory_allocated() / 1e9
-    return result
+    if not cuda:
+        return time_repeats(synced, repeats, warmup)
+    for _ in range(warmup):
+        synced()
+    warm_peak = torch.cuda.max_memory_allocated() / 1e9
+    torch.cuda.reset_peak_memory_stats()
+    result = time_repeats(synced, repeats, 0)
+    return {**result, "peak_gpu_gb": torch.cuda.max_memory_allocated() / 1e9, "peak_gpu_warmup_gb": warm_peak}
 
 
 def train_lowcon(method: str, size: int = 256, batch: int = 1, repeats: int = 5, warmup: int = 2,
@@ -271,16 +278,21 @@ def report(results: dict) -> str:
         rows.append(row)
     lines.append(markdown_table(header, rows))
     if any("peak_gpu_gb" in (r or {}) for r in (*mine_all.values(), *theirs_all.values())):
-        lines += ["", f"GPU peak memory on {a.get('device')} (torch.cuda.max_memory_allocated), GB:"]
+        lines += ["", f"GPU peak memory on {a.get('device')} (torch.cuda.max_memory_allocated), GB, over the "
+                  f"timed steps (in brackets over the warm-up steps, cuDNN's autotuner included):"]
         for m, mine in mine_all.items():
             theirs = theirs_all.get(m)
-            lines.append(f"- {m}: lowcon {cell(mine, 'peak_gpu_gb')}, official {cell(theirs, 'peak_gpu_gb')}, "
+            lines.append(f"- {m}: lowcon {cell(mine, 'peak_gpu_gb')} ({cell(mine, 'peak_gpu_warmup_gb')}), "
+                         f"official {cell(theirs, 'peak_gpu_gb')} ({cell(theirs, 'peak_gpu_warmup_gb')}), "
                          f"ratio {fmt(ratio(mine, theirs, 'peak_gpu_gb'), 2)}")
+    # on a GPU the memory that counts is the GPU's (the seed's GB are GPU memory)
+    memory_key = "peak_gpu_gb" if str(a.get("device", "cpu")).startswith("cuda") else "peak_rss_gb"
     if has_off:
-        lines += ["", "Targets against the official code (fp32): time <= 0.8x and peak memory <= 0.8x:"]
+        lines += ["", "Targets against the official code (fp32): time <= 0.8x and peak memory <= 0.8x"
+                  + (" (set for the CPU; on the GPU for reference):" if memory_key == "peak_gpu_gb" else ":")]
         for m, mine in mine_all.items():
             theirs = theirs_all.get(m)
-            for key, what in (("seconds_median", "time"), ("peak_rss_gb", "peak memory")):
+            for key, what in (("seconds_median", "time"), (memory_key, "peak memory")):
                 value = ratio(mine, theirs, key)
                 paired = paired_ratio(mine, theirs)
                 if key == "seconds_median" and paired:
@@ -291,7 +303,7 @@ def report(results: dict) -> str:
     for side, res in (("lowcon", mine_all), ("official", theirs_all)):
         if not res:
             continue
-        for key, what in (("seconds_median", "time"), ("peak_rss_gb", "memory")):
+        for key, what in (("seconds_median", "time"), (memory_key, "memory")):
             vals = {m: r.get(key) for m, r in res.items() if r and "error" not in r}
             if not all(m in vals for m in METHODS):
                 lines.append(f"- {side} {what}: not all three methods measured")

@@ -311,13 +311,16 @@ def machine_info() -> dict:
         "python": platform.python_version(),
         "torch": torch.__version__,
         "torchvision": torchvision.__version__,
+        **({"gpu": f"{torch.cuda.get_device_name()} (CUDA {torch.version.cuda}, cuDNN {torch.backends.cudnn.version()})"}
+           if torch.cuda.is_available() else {}),
     }
 
 
 def machine_line(info: dict) -> str:
+    gpu = f", GPU {info['gpu']}" if info.get("gpu") else ""
     return (f"{info['date_utc']} UTC, {info['cpu']} ({info['nproc']} cores, {info['threads']} torch threads, "
             f"{info['cpu_capability']}, native bf16: {'yes' if info['native_bf16'] else 'no'}), "
-            f"Python {info['python']}, torch {info['torch']}, torchvision {info['torchvision']}")
+            f"Python {info['python']}, torch {info['torch']}, torchvision {info['torchvision']}{gpu}")
 
 
 def fmt(value: Optional[float], digits: int = 3) -> str:

@@ -144,6 +144,8 @@ def build_network(cfg: DehazeConfig) -> AECRNet:
 
 def build_dehaze_method(cfg: DehazeConfig, device: Optional[torch.device] = None) -> AECRTraining:
     device = device or auto_device(cfg.device)
+    if device.type == "cuda":  # fixed-size crops: cuDNN's autotuner, as the official train_aecrnet.py
+        torch.backends.cudnn.benchmark = True
     torch.manual_seed(cfg.seed)
     net = build_network(cfg).to(device)
     cr = None

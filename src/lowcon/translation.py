@@ -370,8 +370,12 @@ def build_discriminator(cfg: TranslationConfig) -> nn.Module:
 
 
 def build_method(cfg: TranslationConfig, steps_per_epoch: int, device: Union[str, torch.device] = "cpu"):
-    """The :class:`CUT` or :class:`CycleGAN` of `cfg`, networks initialised and on `device`."""
+    """The :class:`CUT` or :class:`CycleGAN` of `cfg`, networks initialised and on `device`. On a
+    GPU, fixed-size crops turn on cuDNN's autotuner (``torch.backends.cudnn.benchmark``), as the
+    official code's BaseModel does."""
     device = torch.device(device)
+    if device.type == "cuda" and cfg.preprocess != "none":
+        torch.backends.cudnn.benchmark = True
     common = dict(gan_mode=cfg.gan_mode, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), n_epochs=cfg.n_epochs,
                   n_epochs_decay=cfg.n_epochs_decay, steps_per_epoch=steps_per_epoch, direction=cfg.direction,
                   autocast_dtype=torch.bfloat16 if cfg.bf16 else None)

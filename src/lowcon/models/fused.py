@@ -203,10 +203,13 @@ def unfused() -> Iterator[None]:
         _state.off = previous
 
 
-def fusing() -> bool:
-    """Whether runs train fused here: autograd on, outside :func:`unfused` (in this thread) and
-    outside autocast (mixed precision runs the plain layers)."""
-    return (torch.is_grad_enabled() and not getattr(_state, "off", False)
+def fusing(device: Optional[torch.device] = None) -> bool:
+    """Whether runs train fused here: autograd on, outside :func:`unfused` (in this thread),
+    outside autocast (mixed precision runs the plain layers) and, when `device` is given, on the
+    CPU. On a GPU the recomputation in backward costs more time than it saves memory: a CycleGAN
+    step at 256x256 on an H200 took 0.135 s fused against the official code's 0.085 s."""
+    return ((device is None or device.type == "cpu") and torch.is_grad_enabled()
+            and not getattr(_state, "off", False)
             and not torch.is_autocast_enabled("cpu") and not torch.is_autocast_enabled("cuda"))
 
 
@@ -228,20 +231,20 @@ def _plain_conv(layer: nn.Module) -> bool:
             and layer.dilation == (1, 1))
 
 
-def fused_step(layers: Sequence[nn.Module], index: int, last: int,
-               wanted: set[int]) -> Optional[tuple[int, Callable[[Tensor], Tensor]]]:
+def fused_step(layers: Sequence[nn.Module], index: int, last: int, wanted: set[int],
+               device: Optional[torch.device] = None) -> Optional[tuple[int, Callable[[Tensor], Tensor]]]:
     """Whether `layers[index:]` starts a run that trains as one :class:`NormActConv`.
 
     The run is [instance norm (optional)], ReLU or LeakyReLU, then one of: a reflect-padded
     blur-pool (:class:`Downsample`); a zero-padded ``Conv2d``; an :class:`Upsample` and a
     ``Conv2d``; a ``ReflectionPad2d`` and a ``Conv2d``. It must end at or before `last`, and no
     layer of it but the last may be in `wanted` (their outputs never exist). Only where
-    :func:`fusing`.
+    :func:`fusing` (on `device`, the input's).
 
     Returns:
         ``(index of the run's last layer, function of the run's input)``, or ``None``.
     """
-    if not fusing():
+    if not fusing(device):
         return None
     i, eps = index, None
     if _is_instance_norm(layers[i]):
@@ -269,13 +272,13 @@ def fused_step(layers: Sequence[nn.Module], index: int, last: int,
     return i, lambda h: norm_act_conv(h, conv, spec)
 
 
-def layer_steps(layers: Sequence[nn.Module], last: int,
-                wanted: set[int] = frozenset()) -> Iterator[tuple[int, Callable[[Tensor], Tensor]]]:
-    """The steps that run ``layers[:last + 1]`` in order: ``(index of the step's last layer,
-    function)``, a fused run where :func:`fused_step` finds one, else the layer."""
+def layer_steps(layers: Sequence[nn.Module], last: int, wanted: set[int] = frozenset(),
+                device: Optional[torch.device] = None) -> Iterator[tuple[int, Callable[[Tensor], Tensor]]]:
+    """The steps that run ``layers[:last + 1]`` on `device` in order: ``(index of the step's
+    last layer, function)``, a fused run where :func:`fused_step` finds one, else the layer."""
     index = 0
     while index <= last:
-        run = fused_step(layers, index, last, wanted)
+        run = fused_step(layers, index, last, wanted, device)
         index, step = run if run is not None else (index, layers[index])
         yield index, step
         index += 1

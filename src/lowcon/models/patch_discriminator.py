@@ -83,8 +83,8 @@ class PatchDiscriminator(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         if x.ndim != 4 or x.shape[1] != self.in_channels:
             raise ValueError(f"x must have shape (B, {self.in_channels}, H, W), got {tuple(x.shape)}")
-        # Training: each [norm], LeakyReLU, blur-pool or conv runs as one NormActConv, which keeps
-        # only its input for backward (lowcon.models.fused); the same values and gradients.
-        for _, step in layer_steps(self.model, len(self.model) - 1):
+        # Training on the CPU: each [norm], LeakyReLU, blur-pool or conv runs as one NormActConv,
+        # which keeps only its input for backward (lowcon.models.fused); the same values and gradients.
+        for _, step in layer_steps(self.model, len(self.model) - 1, device=x.device):
             x = step(x)
         return x

@@ -88,7 +88,7 @@ class ResnetBlock(nn.Module):
         self.fused = norm == "instance" and padding == "reflect" and not dropout
 
     def forward(self, x: Tensor) -> Tensor:
-        if self.fused and fusing():
+        if self.fused and fusing(x.device):
             pad, conv1, norm1, _, _, conv2, norm2 = self.conv_block
             return x + norm2(norm_act_conv(conv1(pad(x)), conv2, FusedSpec(norm1.eps, pre=ReflectPad(1))))
         return x + self.conv_block(x)
@@ -199,7 +199,7 @@ class ResnetGenerator(FeatureGenerator):
         wanted, found = set(layers), {}
         recompute = self.checkpoint_blocks and torch.is_grad_enabled()
         # A fused run's inner layers have no output: only its last one's (see fused_step).
-        for index, step in layer_steps(self.model, last, wanted):
+        for index, step in layer_steps(self.model, last, wanted, x.device):
             if recompute and isinstance(step, ResnetBlock):
                 x = checkpoint(step, x, use_reentrant=False)
             else:
