@@ -113,3 +113,26 @@ def test_split_files_each_convolution_under_its_kind():
             if out.requires_grad:
                 out.sum().backward()
         assert seen and set(seen) == {kind}, (kind, seen)
+
+
+def test_layer_ops_times_each_case_and_reports_its_difference(monkeypatch, tmp_path):
+    # benchmarks/bench_layer_ops.py on small shapes: every kind of case runs, lowcon's result
+    # agrees with aten's, and the report has a row per case
+    import torch
+
+    import lowcon.training.memory
+
+    monkeypatch.syspath_prepend(str(BENCH))
+    import bench_layer_ops
+
+    # the process settings the benchmark makes stay out of the test process
+    monkeypatch.setattr(lowcon.training.memory, "configure_allocator", lambda *args: None)
+    monkeypatch.setattr(torch, "set_num_threads", lambda n: None)
+    monkeypatch.setattr(bench_layer_ops, "CASES", [("norm", 4, 8, "norm"), ("pad", 4, 8, 1), ("pad 3", 4, 9, 3),
+                                                   ("up", 4, 8, "up")])
+    results = bench_layer_ops.main(["--repeats", "1", "--out", str(tmp_path / "ops.json")])
+    assert [r["case"] for r in results["cases"]] == ["norm", "pad", "pad 3", "up"]
+    for row in results["cases"]:
+        assert row["aten_ms"] > 0 and row["lowcon_ms"] > 0 and row["max_abs_difference"] < 1e-5
+    report = (tmp_path / "ops_report.md").read_text()
+    assert all(f"| {name} |" in report for name in ("norm", "pad", "pad 3", "up"))

@@ -58,8 +58,10 @@ def test_generator_and_discriminator_losses_match_hand_recomputation():
     cut = tiny_cut(lambda_GAN=0.7, lambda_NCE=2.0, nce_idt=True, num_patches=0)
     a, b = images(1) * 2 - 1, images(2) * 2 - 1
     passed = cut.translate_for_training(a, b, flip=False)
-    assert torch.allclose(passed["fake_B"], cut.G(a), atol=1e-6)
-    assert torch.allclose(passed["idt_B"], cut.G(b), atol=1e-6)
+    # one pass over [a, b] against a pass each: the same to float32's rounding (the kernels'
+    # order of summation depends on the batch)
+    assert torch.allclose(passed["fake_B"], cut.G(a), atol=1e-5)
+    assert torch.allclose(passed["idt_B"], cut.G(b), atol=1e-5)
 
     g = cut.generator_losses(a, b, passed)
     fake = cut.G(a)

@@ -54,6 +54,21 @@ def test_upsample_equals_separable_1331_formula_and_bilinear():
     np.testing.assert_allclose(y.numpy(), bilinear.numpy(), rtol=0, atol=1e-12)
 
 
+@pytest.mark.parametrize("size", [(1, 1), (2, 5), (7, 4), (16, 16)])
+def test_upsample_gradient_is_the_adjoint_of_bilinear_interpolation(size):
+    # input_grad (a replicate-padded blur-pool) against aten's backward of the interpolation,
+    # and the layer's own backward on the CPU; its ops are differentiable, so a second order too
+    g = torch.Generator().manual_seed(sum(size))
+    up = Upsample(3).double()
+    x = torch.randn(2, 3, *size, dtype=torch.float64, generator=g, requires_grad=True)
+    grad = torch.randn(2, 3, 2 * size[0], 2 * size[1], dtype=torch.float64, generator=g)
+    (expected,) = torch.autograd.grad(F.interpolate(x, scale_factor=2, mode="bilinear", align_corners=False), x, grad)
+    torch.testing.assert_close(up.input_grad(grad), expected, rtol=0, atol=1e-12)
+    (ours,) = torch.autograd.grad(up(x), x, grad)
+    torch.testing.assert_close(ours, expected, rtol=0, atol=1e-12)
+    assert torch.autograd.gradgradcheck(up, (x,))
+
+
 def test_constant_image_stays_constant():
     x = torch.full((1, 4, 6, 7), 0.3)
     torch.testing.assert_close(Downsample(4)(x), torch.full((1, 4, 3, 4), 0.3))

@@ -6,7 +6,8 @@ from torch import nn
 from lowcon.models import fused as fused_module
 from lowcon.models import winograd
 from lowcon.models.blur import Downsample, Upsample
-from lowcon.models.fused import FusedSpec, NormActConv, ReflectPad, fused_step, norm_act_conv, unfused
+from lowcon.models.fused import (FusedSpec, InstanceNorm2d, NormActConv, ReflectPad, fused_step, instance_norm_with_stats,
+                                 norm_act_conv, unfused)
 from lowcon.models.patch_discriminator import PatchDiscriminator
 from lowcon.models.winograd import WinogradConv2d, use_winograd
 
@@ -15,8 +16,10 @@ def _plain(h, weight, bias, spec: FusedSpec):
     """The same function from plain ops, differentiated by autograd: the independent formulation."""
     x = F.instance_norm(h, eps=spec.eps) if spec.eps is not None else h
     x = F.relu(x) if spec.slope == 0 else F.leaky_relu(x, spec.slope)
-    if spec.pre is not None:
-        x = spec.pre(x)
+    if isinstance(spec.pre, ReflectPad):  # aten's padding and interpolation, with aten's backward
+        x = F.pad(x, (spec.pre.size,) * 4, mode="reflect")
+    elif isinstance(spec.pre, Upsample):
+        x = F.interpolate(x, scale_factor=2, mode="bilinear", align_corners=False)
     return F.conv2d(x, weight, bias, stride=spec.stride, padding=spec.padding, groups=spec.groups)
 
 
@@ -26,11 +29,9 @@ SPECS = {
     # The residual block's second half.
     "norm relu reflect-pad conv": (FusedSpec(1e-5, pre=ReflectPad(1)), (4, 3, 3, 3), True),
     # A down step's blur-pool (fixed filter, stride 2, one group per channel).
-    "norm relu blur-pool": (FusedSpec(1e-5, pre=lambda x: F.pad(x, (1, 1, 1, 1), mode="reflect"), stride=2,
-                                      groups=3), None, False),
+    "norm relu blur-pool": (FusedSpec(1e-5, pre=ReflectPad(1), stride=2, groups=3), None, False),
     # The discriminator's first layer: no norm, LeakyReLU, blur-pool.
-    "leaky blur-pool": (FusedSpec(None, 0.2, lambda x: F.pad(x, (1, 1, 1, 1), mode="reflect"), stride=2,
-                                  groups=3), None, False),
+    "leaky blur-pool": (FusedSpec(None, 0.2, ReflectPad(1), stride=2, groups=3), None, False),
     # An up step: upsample, then a zero-padded conv.
     "norm relu upsample conv": (FusedSpec(1e-5, pre=Upsample(3).double(), padding=1), (2, 3, 3, 3), True),
     # The last layer: reflection pad 3 and a 7x7 conv.
@@ -38,6 +39,49 @@ SPECS = {
     # The discriminator's strided variant: norm, LeakyReLU, a 4x4 conv with stride 2 and padding 1.
     "norm leaky strided conv": (FusedSpec(1e-5, 0.2, stride=2, padding=1), (5, 3, 4, 4), False),
 }
+
+
+@pytest.mark.parametrize("size, shape", [(1, (2, 2)), (1, (5, 9)), (3, (4, 4)), (3, (7, 12)), (2, (3, 30))])
+def test_reflect_pad_gradient_folds_the_borders_back(size, shape):
+    # input_grad against aten's reflection_pad2d_backward, and the backward that the padding uses
+    # on the CPU when its input needs a gradient; a second order works too
+    g = torch.Generator().manual_seed(size + shape[1])
+    pad = ReflectPad(size)
+    x = torch.randn(2, 3, *shape, dtype=torch.float64, generator=g, requires_grad=True)
+    grad = torch.randn(2, 3, shape[0] + 2 * size, shape[1] + 2 * size, dtype=torch.float64, generator=g)
+    (expected,) = torch.autograd.grad(F.pad(x, (size,) * 4, mode="reflect"), x, grad)
+    torch.testing.assert_close(pad.input_grad(grad), expected, rtol=0, atol=1e-12)
+    out = pad(x)
+    assert out.grad_fn is not None and "ReflectPad" in type(out.grad_fn).__name__
+    torch.testing.assert_close(torch.autograd.grad(out, x, grad)[0], expected, rtol=0, atol=1e-12)
+    assert torch.autograd.gradgradcheck(pad, (x,))
+
+
+@pytest.mark.parametrize("shape", [(2, 3, 1, 2), (1, 4, 5, 7), (2, 8, 16, 16)])
+def test_instance_norm_matches_torch_and_its_gradient_is_torchs(shape):
+    # lowcon's two-pass statistics against aten's kernel, in float64 (the same values to
+    # rounding), with a mean far from zero; the layer's gradient against torch's, and the plain
+    # torch layer inside unfused() (a graph differentiated twice)
+    g = torch.Generator().manual_seed(shape[1])
+    x = (torch.randn(*shape, dtype=torch.float64, generator=g) * 0.3 + 5).requires_grad_()
+    expected = F.instance_norm(x, eps=1e-5)
+    normed, mean, invstd = instance_norm_with_stats(x.detach(), 1e-5)
+    torch.testing.assert_close(normed, expected.detach(), rtol=0, atol=1e-12)
+    torch.testing.assert_close(mean, x.detach().mean(dim=(2, 3)).flatten(), rtol=0, atol=1e-12)
+    var = x.detach().var(dim=(2, 3), unbiased=False).flatten()
+    torch.testing.assert_close(invstd, (var + 1e-5).rsqrt(), rtol=1e-12, atol=0)
+    layer, grad = InstanceNorm2d(shape[1]), torch.randn(*shape, dtype=torch.float64, generator=g)
+    out = layer(x)
+    assert "InstanceNormFn" in type(out.grad_fn).__name__
+    torch.testing.assert_close(out, expected, rtol=0, atol=1e-12)
+    torch.testing.assert_close(torch.autograd.grad(out, x, grad)[0], torch.autograd.grad(expected, x, grad)[0],
+                               rtol=0, atol=1e-10)
+    with unfused():
+        assert "InstanceNormFn" not in type(layer(x).grad_fn).__name__
+    with torch.no_grad():
+        torch.testing.assert_close(layer(x), expected.detach(), rtol=0, atol=1e-12)
+    with pytest.raises(ValueError, match="more than 1 spatial element"):  # as torch's layer
+        layer(torch.randn(1, shape[1], 1, 1))
 
 
 def _inputs(weight_shape, with_bias, seed):
@@ -119,7 +163,7 @@ def test_fused_step_finds_the_runs_and_leaves_requested_outputs_alone():
     layers = nn.Sequential(
         nn.Conv2d(3, 4, 3),                           # 0
         nn.InstanceNorm2d(4), nn.ReLU(), Downsample(4),  # 1-3: norm, ReLU, blur-pool
-        nn.InstanceNorm2d(4), nn.ReLU(), Upsample(4), nn.Conv2d(4, 4, 3, padding=1),  # 4-7
+        InstanceNorm2d(4), nn.ReLU(), Upsample(4), nn.Conv2d(4, 4, 3, padding=1),  # 4-7 (lowcon's norm)
         nn.LeakyReLU(0.2), nn.ReflectionPad2d(3), nn.Conv2d(4, 3, 7),  # 8-10: no norm
         nn.ReLU(), nn.Conv2d(3, 3, 3, padding_mode="reflect", padding=1),  # 11-12: not a zero-padded conv
         nn.BatchNorm2d(3), nn.ReLU(), nn.Tanh())      # 13-15: batch norm is not fused, nor a ReLU before Tanh
@@ -134,7 +178,7 @@ def test_fused_step_finds_the_runs_and_leaves_requested_outputs_alone():
     assert fused_step(layers, 4, 7, set(), torch.device("cuda")) is None
     x = torch.randn(1, 4, 9, 9)
     end, step = runs[4]
-    with torch.no_grad():
+    with torch.no_grad():  # bit for bit: the same kernels as lowcon's InstanceNorm2d
         torch.testing.assert_close(step(x), layers[4:8](x), rtol=0, atol=0)
 
 

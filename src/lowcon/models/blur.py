@@ -122,6 +122,29 @@ class Upsample(nn.Module):
             raise ValueError(f"x must have shape (B, {self.channels}, H, W), got {tuple(x.shape)}")
         # The official layer pads by replication and runs a depthwise transposed conv with `filt`;
         # that is bilinear interpolation (tests: to 1e-12 in float64, against the [1, 3, 3, 1]
-        # formula too), whose kernel and backward take half the time on a CPU. `filt` stays a
-        # buffer so that official checkpoints load.
+        # formula too), whose kernel takes half the time on a CPU. `filt` stays a buffer so that
+        # official checkpoints load. On the CPU the gradient is `input_grad`'s.
+        if x.requires_grad and x.device.type == "cpu":
+            return _BilinearUp2x.apply(x, self)
         return F.interpolate(x, scale_factor=2, mode="bilinear", align_corners=False)
+
+    def input_grad(self, grad: Tensor) -> Tensor:
+        """The gradient of the input from `grad`, the output's: the adjoint of the upsampling, a
+        blur-pool of `grad` replicate-padded by 1, with ``filt`` and stride 2. On a CPU it takes
+        about a quarter of the time of bilinear interpolation's own backward."""
+        grad = F.pad(grad, (1, 1, 1, 1), mode="replicate")
+        return F.conv2d(grad, self.filt.to(grad.dtype), stride=2, groups=self.channels)
+
+
+class _BilinearUp2x(torch.autograd.Function):
+    """Bilinear x2 upsampling whose backward is :meth:`Upsample.input_grad` (differentiable ops,
+    so a gradient of the gradient works too)."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, layer: Upsample) -> Tensor:  # noqa: D401
+        ctx.layer = layer
+        return F.interpolate(x, scale_factor=2, mode="bilinear", align_corners=False)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        return ctx.layer.input_grad(grad), None

@@ -5,8 +5,10 @@ Autograd keeps, for such a run of layers, the norm's input, the activation's out
 upsampled copy that the convolution reads, and the norm's statistics: up to four maps where one
 will do. :class:`NormActConv` keeps the first (and the convolution's weight) and recomputes the rest
 in backward, which is elementwise work and a resampling; the convolution is not run again. Forward
-values are those of the plain layers bit for bit (the same kernels on the same inputs) and the
-gradients are the same formulas (tests compare with the plain layers and with gradcheck).
+values are those of the plain layers bit for bit (the same kernels on the same inputs: the
+networks' norms are :class:`InstanceNorm2d`, which runs :func:`instance_norm_with_stats` as this
+module does) and the gradients are the same formulas (tests compare with the plain layers and with
+gradcheck).
 
 :func:`fused_step` finds such runs in an ``nn.Sequential`` of the CUT / CycleGAN networks: the
 residual blocks' second half, the first down-convolution, the down steps' blur-pools, the second
@@ -20,15 +22,14 @@ import threading
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
-from functools import partial
-from typing import Optional
+from typing import Optional, Union
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 
-from lowcon.models.blur import _PAD_MODES, Downsample, Upsample
+from lowcon.models.blur import Downsample, Upsample
 from lowcon.models.winograd import NNPACKConv2d, WinogradConv2d, conv_backward, conv_forward, direct
 
 
@@ -39,8 +40,9 @@ class FusedSpec:
     Attributes:
         eps: instance norm's epsilon; ``None`` for no norm.
         slope: the activation's negative slope: 0 for ReLU, e.g. 0.2 for LeakyReLU.
-        pre: a fixed function between the activation and the convolution (padding, upsampling),
-            with no parameters; ``None`` for none.
+        pre: a fixed linear map between the activation and the convolution, with no
+            parameters: a :class:`ReflectPad` or an :class:`~lowcon.models.blur.Upsample`
+            (called on the map, and its ``input_grad`` on the map's gradient); ``None`` for none.
         stride, padding, groups: the convolution's (zero padding).
         fast: run the convolution as the layers of :mod:`lowcon.models.winograd` do
             (:func:`~lowcon.models.winograd.conv_forward` and
@@ -50,7 +52,7 @@ class FusedSpec:
 
     eps: Optional[float]
     slope: float = 0.0
-    pre: Optional[Callable[[Tensor], Tensor]] = None
+    pre: Optional[Union[ReflectPad, Upsample]] = None
     stride: int = 1
     padding: int = 0
     groups: int = 1
@@ -82,8 +84,7 @@ class NormActConv(torch.autograd.Function):
     def forward(ctx, h: Tensor, weight: Tensor, bias: Optional[Tensor], spec: FusedSpec) -> Tensor:  # noqa: D401
         # The same kernels as the plain modules, so the forward values are bit for bit theirs.
         if spec.eps is not None:  # the norm's output is ours: activated in place, one map fewer
-            x = F.instance_norm(h, eps=spec.eps)
-            x = _act_(x, spec.slope)
+            x = _act_(instance_norm_with_stats(h, spec.eps)[0], spec.slope)
         else:
             x = _act(h, spec.slope)
         if spec.pre is not None:
@@ -100,16 +101,12 @@ class NormActConv(torch.autograd.Function):
         h, weight = ctx.saved_tensors
         spec: FusedSpec = ctx.spec
         if spec.eps is not None:
-            normed, mean, invstd = _instance_norm_with_stats(h, spec.eps)
+            normed, mean, invstd = instance_norm_with_stats(h, spec.eps)
             act = _act_(normed, spec.slope)
         else:
             act = _act(h, spec.slope)
-        if spec.pre is not None:
-            with torch.enable_grad():
-                act_in = act.detach().requires_grad_()
-                x = spec.pre(act_in)
-        else:
-            x = act
+        # the map the convolution read, again (its weight gradient needs it)
+        x = act if spec.pre is None else spec.pre(act.detach())
         need_w, need_b = ctx.needs_input_grad[1], ctx.has_bias and ctx.needs_input_grad[2]
         if spec.fast:
             grad_x, grad_w, grad_b = conv_backward(grad, x.detach(), weight, spec.padding, True, need_w, need_b,
@@ -118,10 +115,9 @@ class NormActConv(torch.autograd.Function):
             grad_x, grad_w, grad_b = torch.ops.aten.convolution_backward(
                 grad, x.detach(), weight, [weight.shape[0]] if ctx.has_bias else None, [spec.stride] * 2,
                 [spec.padding] * 2, [1, 1], False, [0, 0], spec.groups, [True, need_w, need_b])
-        if spec.pre is not None:
-            (grad_x,) = torch.autograd.grad(x, act_in, grad_x)
-            del act_in
         del x
+        if spec.pre is not None:
+            grad_x = spec.pre.input_grad(grad_x)
         # The activation's output has the sign of its input, so its backward can read either.
         if spec.slope == 0:
             grad_x = torch.ops.aten.threshold_backward(grad_x, act, 0)
@@ -129,10 +125,7 @@ class NormActConv(torch.autograd.Function):
             grad_x = torch.ops.aten.leaky_relu_backward(grad_x, act, spec.slope, True)
         del act
         if spec.eps is not None:
-            grad_x, _, _ = torch.ops.aten.native_batch_norm_backward(
-                _as_batch_norm_input(grad_x), _as_batch_norm_input(h), None, None, None, mean, invstd, True,
-                spec.eps, [True, False, False])
-            grad_x = grad_x.view_as(h)
+            grad_x = _instance_norm_backward(grad_x, h, mean, invstd, spec.eps)
         return grad_x, grad_w if need_w else None, grad_b if need_b else None, None
 
 
@@ -141,25 +134,115 @@ def _as_batch_norm_input(x: Tensor) -> Tensor:
     return x.reshape(1, x.shape[0] * x.shape[1], *x.shape[2:])
 
 
-def _instance_norm_with_stats(h: Tensor, eps: float) -> tuple[Tensor, Tensor, Tensor]:
-    """``F.instance_norm(h)`` (the same kernel, so the same values) with the mean and 1/std that
-    its backward formula needs, from one pass over `h`."""
-    normed, mean, invstd = torch.ops.aten.native_batch_norm(
-        _as_batch_norm_input(h), None, None, None, None, True, 0.0, eps)
-    return normed.view_as(h), mean, invstd
+def instance_norm_with_stats(h: Tensor, eps: float) -> tuple[Tensor, Tensor, Tensor]:
+    """``F.instance_norm(h, eps=eps)`` with the mean and 1/std per image and channel (flat, as
+    aten's batch-norm kernels take them), in two passes over `h`: the mean, then the centred map
+    and its norm. On a CPU 3-4x faster than aten's kernel (which updates a running mean and
+    variance element by element) at the generator's sizes; the same values to float32's rounding
+    (``benchmarks/bench_layer_ops.py``)."""
+    mean = h.mean(dim=(2, 3), keepdim=True)
+    normed = h - mean
+    var = torch.linalg.vector_norm(normed, dim=(2, 3), keepdim=True).square_().div_(h.shape[2] * h.shape[3])
+    invstd = var.add_(eps).rsqrt_()
+    return normed.mul_(invstd), mean.view(-1), invstd.view(-1)
+
+
+def _instance_norm_backward(grad: Tensor, h: Tensor, mean: Tensor, invstd: Tensor, eps: float) -> Tensor:
+    """The input gradient of instance norm (no affine), by aten's batch-norm backward kernel."""
+    grad_h = torch.ops.aten.native_batch_norm_backward(
+        _as_batch_norm_input(grad), _as_batch_norm_input(h), None, None, None, mean, invstd, True, eps,
+        [True, False, False])[0]
+    return grad_h.view_as(h)
+
+
+class _InstanceNormFn(torch.autograd.Function):
+    """Instance norm by :func:`instance_norm_with_stats`, backward by aten's kernel; keeps what
+    autograd keeps for aten's instance norm (the input, the mean and 1/std)."""
+
+    @staticmethod
+    def forward(ctx, h: Tensor, eps: float) -> Tensor:  # noqa: D401
+        normed, mean, invstd = instance_norm_with_stats(h, eps)
+        ctx.save_for_backward(h, mean, invstd)
+        ctx.eps = eps
+        return normed
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad: Tensor):
+        h, mean, invstd = ctx.saved_tensors
+        return _instance_norm_backward(grad, h, mean, invstd, ctx.eps), None
+
+
+class InstanceNorm2d(nn.InstanceNorm2d):
+    """``nn.InstanceNorm2d`` (no affine, no running statistics, as CUT and CycleGAN use it) that
+    runs :func:`instance_norm_with_stats` on the CPU, where :func:`fusing` allows (not inside
+    :func:`unfused`, whose graphs are differentiated twice, nor under autocast), and when no
+    gradient is recorded. Elsewhere, and with affine or running statistics, it is torch's layer.
+    No parameters or buffers: state dicts are those of ``nn.InstanceNorm2d``."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        if (self.affine or self.track_running_stats or x.ndim != 4 or x.shape[2] * x.shape[3] < 2
+                or x.device.type != "cpu"
+                or not x.dtype.is_floating_point or x.dtype == torch.bfloat16
+                or torch.is_autocast_enabled("cpu") or getattr(_state, "off", False)):
+            return super().forward(x)
+        if torch.is_grad_enabled() and x.requires_grad:
+            return _InstanceNormFn.apply(x, self.eps)
+        return instance_norm_with_stats(x, self.eps)[0]
 
 
 class ReflectPad:
-    """``F.pad(x, (size,) * 4, mode="reflect")`` that knows the size it returns."""
+    """``F.pad(x, (size,) * 4, mode="reflect")`` that knows the size it returns and its
+    gradient (:meth:`input_grad`, also the backward pass on the CPU)."""
 
     def __init__(self, size: int):
         self.size = size
 
     def __call__(self, x: Tensor) -> Tensor:
+        if x.requires_grad and x.device.type == "cpu":
+            return _ReflectPadFn.apply(x, self)
         return F.pad(x, (self.size,) * 4, mode="reflect")
 
     def out_size(self, height: int, width: int) -> tuple[int, int]:
         return height + 2 * self.size, width + 2 * self.size
+
+    def input_grad(self, grad: Tensor) -> Tensor:
+        """The gradient of the input from `grad`, the padded map's: the interior, plus each
+        border row and column added onto the row or column it mirrors. On a CPU 2.5-5x faster
+        than aten's ``reflection_pad2d_backward`` (differentiable ops, so it also serves a
+        gradient of the gradient)."""
+        p = self.size
+        height, width = grad.shape[-2:]
+        h, w = height - 2 * p, width - 2 * p
+        rows, cols = slice(p, height - p), slice(p, width - p)  # the interior's, in `grad`
+        top, bottom = slice(1, p + 1), slice(h - p - 1, h - 1)  # where the border rows fold to
+        left, right = slice(1, p + 1), slice(w - p - 1, w - 1)
+
+        def mirrored(t: Tensor, dims: tuple[int, ...]) -> Tensor:
+            return t if p == 1 else t.flip(dims)  # one row or column is its own mirror
+
+        out = grad[..., rows, cols].clone()
+        out[..., top, :] += mirrored(grad[..., :p, cols], (-2,))
+        out[..., bottom, :] += mirrored(grad[..., height - p:, cols], (-2,))
+        out[..., left] += mirrored(grad[..., rows, :p], (-1,))
+        out[..., right] += mirrored(grad[..., rows, width - p:], (-1,))
+        for source_rows, target_rows in ((slice(0, p), top), (slice(height - p, height), bottom)):  # corners
+            for source_cols, target_cols in ((slice(0, p), left), (slice(width - p, width), right)):
+                out[..., target_rows, target_cols] += mirrored(grad[..., source_rows, source_cols], (-2, -1))
+        return out
+
+
+class _ReflectPadFn(torch.autograd.Function):
+    """Reflection padding whose backward is :meth:`ReflectPad.input_grad`."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, pad: ReflectPad) -> Tensor:  # noqa: D401
+        ctx.pad = pad
+        return F.pad(x, (pad.size,) * 4, mode="reflect")
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        return ctx.pad.input_grad(grad), None
 
 
 def norm_act_conv(h: Tensor, conv: nn.Conv2d, spec: FusedSpec) -> Tensor:
@@ -258,8 +341,9 @@ def fused_step(layers: Sequence[nn.Module], index: int, last: int, wanted: set[i
     if isinstance(layer, Downsample):
         if any(k in wanted for k in range(index, i)):
             return None
-        pad = partial(F.pad, pad=layer.pad_sizes, mode=_PAD_MODES[layer.padding])
-        spec = FusedSpec(eps, slope, pad, layer.stride, 0, layer.channels)
+        if layer.padding != "reflect" or len(set(layer.pad_sizes)) != 1:
+            return None  # CUT's blur-pools pad by reflection, 1 on each side
+        spec = FusedSpec(eps, slope, ReflectPad(layer.pad_sizes[0]), layer.stride, 0, layer.channels)
         return i, lambda h: NormActConv.apply(h, layer.filt, None, spec)
     if isinstance(layer, Upsample):
         pre, i = layer, i + 1

@@ -29,7 +29,7 @@ from torch.utils.checkpoint import checkpoint
 
 from lowcon.models.blur import Downsample, Upsample
 from lowcon.models.feature_generator import FeatureGenerator
-from lowcon.models.fused import FusedSpec, ReflectPad, fusing, layer_steps, norm_act_conv
+from lowcon.models.fused import FusedSpec, InstanceNorm2d, ReflectPad, fusing, layer_steps, norm_act_conv
 
 NORMS = ("instance", "batch", "none")
 PADDINGS = ("reflect", "replicate", "zero")
@@ -40,7 +40,7 @@ _SIZE_MULTIPLE = 4
 def norm_layer(norm: str, channels: int) -> nn.Module:
     """The CycleGAN/CUT normalisation: instance (no affine, no running stats), batch, or none."""
     if norm == "instance":
-        return nn.InstanceNorm2d(channels, affine=False, track_running_stats=False)
+        return InstanceNorm2d(channels, affine=False, track_running_stats=False)  # lowcon's faster CPU kernel
     if norm == "batch":
         return nn.BatchNorm2d(channels, affine=True, track_running_stats=True)
     if norm == "none":
@@ -90,7 +90,8 @@ class ResnetBlock(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         if self.fused and fusing(x.device):
             pad, conv1, norm1, _, _, conv2, norm2 = self.conv_block
-            return x + norm2(norm_act_conv(conv1(pad(x)), conv2, FusedSpec(norm1.eps, pre=ReflectPad(1))))
+            pad = ReflectPad(pad.padding[0])  # the same padding, with a faster backward on the CPU
+            return x + norm2(norm_act_conv(conv1(pad(x)), conv2, FusedSpec(norm1.eps, pre=pad)))
         return x + self.conv_block(x)
 
 
