@@ -137,7 +137,7 @@ def _as_batch_norm_input(x: Tensor) -> Tensor:
 def instance_norm_with_stats(h: Tensor, eps: float) -> tuple[Tensor, Tensor, Tensor]:
     """``F.instance_norm(h, eps=eps)`` with the mean and 1/std per image and channel (flat, as
     aten's batch-norm kernels take them), in two passes over `h`: the mean, then the centred map
-    and its norm. On a CPU 3-4x faster than aten's kernel (which updates a running mean and
+    and its norm. On a CPU 2-4x faster than aten's kernel (which updates a running mean and
     variance element by element) at the generator's sizes; the same values to float32's rounding
     (``benchmarks/bench_layer_ops.py``)."""
     mean = h.mean(dim=(2, 3), keepdim=True)
@@ -174,16 +174,15 @@ class _InstanceNormFn(torch.autograd.Function):
 
 
 class InstanceNorm2d(nn.InstanceNorm2d):
-    """``nn.InstanceNorm2d`` (no affine, no running statistics, as CUT and CycleGAN use it) that
-    runs :func:`instance_norm_with_stats` on the CPU, where :func:`fusing` allows (not inside
-    :func:`unfused`, whose graphs are differentiated twice, nor under autocast), and when no
-    gradient is recorded. Elsewhere, and with affine or running statistics, it is torch's layer.
-    No parameters or buffers: state dicts are those of ``nn.InstanceNorm2d``."""
+    """``nn.InstanceNorm2d`` that runs :func:`instance_norm_with_stats` (backward: aten's kernel)
+    on float32 or float64 maps on the CPU, without affine or running statistics (as CUT and
+    CycleGAN use it). Elsewhere it is torch's layer: on a GPU, under autocast, and inside
+    :func:`unfused`, whose graphs are differentiated twice. It has no parameters or buffers, so
+    state dicts are those of ``nn.InstanceNorm2d``."""
 
     def forward(self, x: Tensor) -> Tensor:
         if (self.affine or self.track_running_stats or x.ndim != 4 or x.shape[2] * x.shape[3] < 2
-                or x.device.type != "cpu"
-                or not x.dtype.is_floating_point or x.dtype == torch.bfloat16
+                or x.device.type != "cpu" or x.dtype not in (torch.float32, torch.float64)
                 or torch.is_autocast_enabled("cpu") or getattr(_state, "off", False)):
             return super().forward(x)
         if torch.is_grad_enabled() and x.requires_grad:
@@ -208,7 +207,7 @@ class ReflectPad:
 
     def input_grad(self, grad: Tensor) -> Tensor:
         """The gradient of the input from `grad`, the padded map's: the interior, plus each
-        border row and column added onto the row or column it mirrors. On a CPU 2.5-5x faster
+        border row and column added onto the row or column it mirrors. On a CPU 2.5-4x faster
         than aten's ``reflection_pad2d_backward`` (differentiable ops, so it also serves a
         gradient of the gradient)."""
         p = self.size
