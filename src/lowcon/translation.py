@@ -175,8 +175,10 @@ class TranslationConfig:
     # maps of 56x56 or more, by NNPACK's kernels (inside torch), used when OpenMP's idle threads
     # spin briefly: lowcon train restarts itself with GOMP_SPINCOUNT=20000 (lowcon.models.winograd)
     nnpack: bool = True
-    # time: forward passes and losses in bfloat16 mixed precision (torch.autocast): the fastest
-    # setting on a GPU or a CPU with native bf16 (AMX, AVX512-BF16); emulated, so slow, elsewhere
+    # memory and time: forward passes and losses in bfloat16 mixed precision (torch.autocast). On
+    # an H200 at batch 1, 256x256 it took 40-55 % less GPU memory but more time than float32 (the
+    # step waits on kernel launches there; benchmarks/README.md). On a CPU it needs native bf16
+    # (AMX, AVX512-BF16): emulated, so slow, elsewhere
     bf16: bool = False
     # run
     seed: int = 0
