@@ -182,8 +182,7 @@ class InstanceNorm2d(nn.InstanceNorm2d):
 
     def forward(self, x: Tensor) -> Tensor:
         if (self.affine or self.track_running_stats or x.ndim != 4 or x.shape[2] * x.shape[3] < 2
-                or x.device.type != "cpu" or x.dtype not in (torch.float32, torch.float64)
-                or torch.is_autocast_enabled("cpu") or getattr(_state, "off", False)):
+                or x.dtype not in (torch.float32, torch.float64) or not _own_kernels(x.device)):
             return super().forward(x)
         if torch.is_grad_enabled() and x.requires_grad:
             return _InstanceNormFn.apply(x, self.eps)
@@ -285,14 +284,20 @@ def unfused() -> Iterator[None]:
         _state.off = previous
 
 
-def fusing(device: Optional[torch.device] = None) -> bool:
-    """Whether runs train fused here: autograd on, outside :func:`unfused` (in this thread),
+def _own_kernels(device: Optional[torch.device] = None) -> bool:
+    """Whether this module's own kernels may serve here: outside :func:`unfused` (in this thread),
     outside autocast (mixed precision runs the plain layers) and, when `device` is given, on the
-    CPU. On a GPU the recomputation in backward costs more time than it saves memory: a CycleGAN
-    step at 256x256 on an H200 took 0.135 s fused against the official code's 0.085 s."""
-    return ((device is None or device.type == "cpu") and torch.is_grad_enabled()
-            and not getattr(_state, "off", False)
+    CPU."""
+    return ((device is None or device.type == "cpu") and not getattr(_state, "off", False)
             and not torch.is_autocast_enabled("cpu") and not torch.is_autocast_enabled("cuda"))
+
+
+def fusing(device: Optional[torch.device] = None) -> bool:
+    """Whether runs train fused here: autograd on, and :func:`_own_kernels` (outside
+    :func:`unfused` and autocast, on the CPU when `device` is given). On a GPU the recomputation
+    in backward costs more time than it saves memory: a CycleGAN step at 256x256 on an H200 took
+    0.135 s fused against the official code's 0.085 s."""
+    return torch.is_grad_enabled() and _own_kernels(device)
 
 
 def _is_instance_norm(layer: nn.Module) -> bool:
