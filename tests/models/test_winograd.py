@@ -343,6 +343,47 @@ def test_nnpack_7x7_values_and_gradients_match_float64_direct_convolution(nnpack
         assert _relative(conv.bias.grad, bd.grad) < 1e-5
 
 
+@pytest.mark.parametrize("b, c, o, k, size", [(1, 21, 3, 7, (20, 17)), (3, 9, 2, 5, (12, 30)), (2, 4, 1, 3, (6, 6))])
+def test_shifted_weight_grad_is_the_weight_gradient_in_float64(b, c, o, k, size):
+    gen = torch.Generator().manual_seed(b + c + k)
+    xp = torch.randn(b, c, *size, dtype=torch.float64, generator=gen)
+    w = torch.randn(o, c, k, k, dtype=torch.float64, generator=gen, requires_grad=True)
+    grad = torch.randn(b, o, size[0] - k + 1, size[1] - k + 1, dtype=torch.float64, generator=gen)
+    F.conv2d(xp, w).backward(grad)
+    # the same sums in another order: equal to float64's rounding
+    assert torch.allclose(wg.shifted_weight_grad(grad, xp, k), w.grad, rtol=1e-12, atol=1e-12)
+    # a 1x1 "filter" of one channel is the sum of products, by hand
+    one = wg.shifted_weight_grad(grad[:, :1], xp[:, :1, :grad.shape[2], :grad.shape[3]], 1)
+    assert torch.allclose(one, (grad[:, :1] * xp[:, :1, :grad.shape[2], :grad.shape[3]]).sum().view(1, 1, 1, 1))
+    with pytest.raises(ValueError, match=r"not the output of a 4x4 filter"):
+        wg.shifted_weight_grad(grad, xp, 4)
+
+
+@needs_nnpack
+def test_7x7_to_few_channels_takes_the_shifted_weight_gradient(nnpack_on, monkeypatch):
+    calls = []
+    real = wg.shifted_weight_grad
+    monkeypatch.setattr(wg, "shifted_weight_grad", lambda *a: calls.append(a[0].shape) or real(*a))
+    gen = torch.Generator().manual_seed(5)
+    x = torch.randn(2, 24, 60, 58, dtype=torch.float64, generator=gen)
+    w = torch.randn(3, 24, 7, 7, dtype=torch.float64, generator=gen)
+    bias = torch.randn(3, dtype=torch.float64, generator=gen)
+    xs, ws, bs = (t.float().requires_grad_() for t in (x, w, bias))
+    y = wg.nnpack_conv(xs, ws, bs, padding=2)
+    grad = torch.randn(y.shape, dtype=torch.float64, generator=gen)
+    y.backward(grad.float())
+    assert calls == [y.shape]  # 3 * 7 <= 24 channels: the shifted products, not aten
+    xd, wd, bd = (t.clone().requires_grad_() for t in (x, w, bias))
+    F.conv2d(xd, wd, bd, padding=2).backward(grad)
+    assert _relative(ws.grad, wd.grad) < 2e-5
+    assert _relative(bs.grad, bd.grad) < 1e-5
+    assert _relative(xs.grad, xd.grad) < 2e-5
+    calls.clear()
+    wide = torch.randn(24, 3, 7, 7, requires_grad=True)  # to many channels: aten's weight gradient
+    wg.nnpack_conv(torch.randn(1, 3, 60, 60), wide, padding=3).sum().backward()
+    assert calls == [] and wide.grad is not None
+
+
 def test_use_nnpack_switches_only_large_stride_1_filters(monkeypatch):
     monkeypatch.delenv("GOMP_SPINCOUNT", raising=False)  # OpenMP's default spinning: NNPACK not usable
     monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
