@@ -355,6 +355,51 @@ def test_evaluate_run_reports_best_and_last_epoch(cut_run, data):
     assert len(list((cut_run["dir"] / "eval" / "epoch_2").glob("*.png"))) == 3
 
 
+def test_eval_cli_without_inception_weights_is_one_line_naming_the_file(cut_run, data, tmp_path, monkeypatch,
+                                                                      capsys):
+    from lowcon.cli import main
+    from lowcon.metrics.fid import INCEPTION_WEIGHTS_FILENAME
+
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "empty_torch_home"))
+    code = main(["eval", "--run", str(cut_run["dir"]), "--real", str(data["testB"]), "--test", str(data["testA"])])
+    err = capsys.readouterr().err
+    assert code == 2 and len(err.strip().splitlines()) == 1
+    assert err.startswith("lowcon: error: ") and INCEPTION_WEIGHTS_FILENAME in err
+    assert str(tmp_path / "empty_torch_home" / "hub" / "checkpoints") in err
+
+
+def test_eval_cli_scores_a_run_with_an_inception_weights_file(cut_run, data, tmp_path, capsys):
+    """The whole `lowcon eval --run` path through torch-fidelity's Inception, from a file in the real
+    file's format: the network's state dict, saved by torch.save. The real values cannot be
+    downloaded here, so the file holds the network's random initialisation."""
+    inception = pytest.importorskip("torch_fidelity.feature_extractor_inceptionv3", reason="torch-fidelity not installed")
+    from lowcon.cli import main
+
+    placeholder = tmp_path / "placeholder.pth"
+    torch.save({}, placeholder)
+    with pytest.MonkeyPatch.context() as patch:  # build it once without loading, to get its keys and shapes
+        patch.setattr(inception.FeatureExtractorInceptionV3, "load_state_dict", lambda self, state: None)
+        torch.manual_seed(0)
+        net = inception.FeatureExtractorInceptionV3("inception-v3-compat", ["2048"],
+                                                    feature_extractor_weights_path=str(placeholder))
+    weights = tmp_path / "weights-inception.pth"
+    torch.save(net.state_dict(), weights)
+    assert main(["eval", "--run", str(cut_run["dir"]), "--real", str(data["testB"]), "--test", str(data["testA"]),
+                 "--inception-weights", str(weights)]) == 0
+    out = capsys.readouterr().out
+    assert "best epoch: " in out and "last epoch: " in out
+    rows = Path(cut_run["dir"], "eval", "scores.csv").read_text().splitlines()
+    assert rows[0].startswith("label,step,fid,kid_mean") and len(rows) == 4  # header and 3 epochs
+    assert all(np.isfinite(float(row.split(",")[2])) for row in rows[1:])
+    # the file was loaded, not the random initialisation of a fresh network: same features as `net`
+    from lowcon.metrics.fid import load_inception
+
+    images = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    as_bytes = (images * 255).round().to(torch.uint8)
+    with torch.no_grad():
+        torch.testing.assert_close(load_inception(weights)(images), net.eval()(as_bytes)[0])
+
+
 def test_collapse_check_flags_identical_and_identity_outputs_and_is_quiet_otherwise(data):
     inputs = torch.stack([read_image(p) for p in sorted(Path(data["trainA"]).iterdir())[:4]])
     others = torch.stack([read_image(p) for p in sorted(Path(data["trainA"]).iterdir())[4:8]])

@@ -23,6 +23,9 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+# one error for every missing weights file (VGG-19, Inception): the CLI reports it in one line
+from lowcon.contrast.embeddings import WeightsNotFoundError
+
 __all__ = [
     "WeightsNotFoundError",
     "INCEPTION_WEIGHTS_FILENAME",
@@ -50,10 +53,6 @@ IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", "
 
 ArrayLike = Union[Tensor, np.ndarray]
 ImageSource = Union[str, os.PathLike, Tensor, Iterable[Tensor]]
-
-
-class WeightsNotFoundError(RuntimeError):
-    """Pretrained weights are neither on disk nor downloadable; the message says where to put them."""
 
 
 # ---------------------------------------------------------------------------------------------
