@@ -11,7 +11,8 @@ Three parts, in one process, 2 torch threads, ``retain_freed_memory`` as transla
    - NNPACK's forward (``torch._nnpack_spatial_convolution``): a hand-written AVX2 library of
      fused Winograd and FFT convolutions inside torch, which torch uses for inference only;
    - with NNPACK: what training runs now, NNPACK's forward and input gradient (where the output
-     is 56x56 or more) and lowcon's weight gradient (aten's for the 7x7 filters).
+     is 56x56 or more) and lowcon's weight gradient (for the 7x7 filters aten's, or to 3 channels
+     :func:`lowcon.models.winograd.shifted_weight_grad`).
 2. **Matrix products.** sgemm (2048^3) and the 36 batched products of a 256-channel 64x64 layer,
    in GFLOP/s: the ceiling of the Winograd products.
 3. **Steps.** One CUT, FastCUT and CycleGAN training step at 256x256 (median of `--steps`, after
