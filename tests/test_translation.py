@@ -1,5 +1,7 @@
 """The translation pipeline: configs, exact resume, translate, checkpoint errors, evaluation, collapse."""
 import shutil
+import subprocess
+import sys
 import warnings
 from pathlib import Path
 
@@ -398,6 +400,79 @@ def test_eval_cli_scores_a_run_with_an_inception_weights_file(cut_run, data, tmp
     as_bytes = (images * 255).round().to(torch.uint8)
     with torch.no_grad():
         torch.testing.assert_close(load_inception(weights)(images), net.eval()(as_bytes)[0])
+
+
+TINY_SET = ["ngf=4", "ndf=4", "n_blocks=1", "n_layers_D=2", "nce_layers=0,4,8,12", "num_patches=16", "load_size=20",
+            "crop_size=16", "batch_size=4", "log_every=1", "sample_every=0", "checkpoint_every=1", "device=cpu"]
+
+
+def _cli(capsys, *argv):
+    """`lowcon ARGV` in this process: (exit code, stdout, stderr)."""
+    from lowcon.cli import main
+
+    code = main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def _one_error_line(code, err, *parts):
+    assert code == 2, err
+    assert len(err.strip().splitlines()) == 1 and err.startswith("lowcon: error: "), err
+    for part in parts:
+        assert part in err, (part, err)
+
+
+def test_cli_train_resumes_a_run_made_with_overrides_and_takes_steps(data, tmp_path, capsys):
+    run = tmp_path / "run"
+    tiny = [a for kv in TINY_SET for a in ("--set", kv)]
+    code, out, _ = _cli(capsys, "train", "cut", "--data", data["root"], "--run-dir", run, "--steps", 2, *tiny)
+    assert code == 0 and "last.pt" in out and "best.pt" not in out  # it names what it wrote
+    assert [line.split(",")[0] for line in (run / "log.csv").read_text().splitlines()[1:]] == ["1", "2"]
+    # The documented resume: the preset's name and the run folder; the run's own config.yaml (with its
+    # overrides) is the base, so only what may change (here the step cap) is given again.
+    code, _, err = _cli(capsys, "train", "cut", "--run-dir", run, "--resume", "--steps", 3)
+    assert code == 0, err
+    assert [line.split(",")[0] for line in (run / "log.csv").read_text().splitlines()[1:]] == ["1", "2", "3"]
+    code, _, err = _cli(capsys, "train", "cyclegan", "--run-dir", run, "--resume")
+    _one_error_line(code, err, f"{run}: a 'cut' run, resumed as 'cyclegan'")
+    before = (run / "last.pt").read_bytes()
+    code, _, err = _cli(capsys, "train", "cut", "--data", data["root"], "--run-dir", run, *tiny)
+    _one_error_line(code, err, f"{run}: holds a run already")
+    assert (run / "last.pt").read_bytes() == before  # nothing lost
+
+
+def test_cli_bad_paths_are_one_line_errors(cut_run, data, tmp_path, capsys):
+    a_file = Path(data["trainA"]).iterdir().__next__()
+    code, _, err = _cli(capsys, "train", "cut", "--data", a_file, "--run-dir", tmp_path / "r1")
+    _one_error_line(code, err, f"{a_file}: data root is a file")
+    code, _, err = _cli(capsys, "train", "cut", "--set", f"dir_a={a_file}", "--set", f"dir_b={data['trainB']}",
+                        "--run-dir", tmp_path / "r2")
+    _one_error_line(code, err, f"{a_file}: not a folder")
+    assert not (tmp_path / "r1").exists() and not (tmp_path / "r2").exists()
+    taken = tmp_path / "taken.png"
+    taken.write_bytes(b"x")
+    code, _, err = _cli(capsys, "translate", data["testA"], "-o", taken, "--checkpoint", cut_run["dir"] / "last.pt")
+    _one_error_line(code, err, f"{taken}: is a file")
+    assert taken.read_bytes() == b"x"
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "a.png").write_text("not an image")
+    # as a user runs it (a process of its own, where Python prints warnings): the skipped file's
+    # warning in one line, then the error
+    done = subprocess.run([sys.executable, "-m", "lowcon", "translate", str(bad), "-o", str(tmp_path / "out"),
+                           "--checkpoint", str(cut_run["dir"] / "last.pt")], capture_output=True, text=True)
+    assert done.returncode == 2 and done.stderr.splitlines() == [
+        f"lowcon: warning: skipping image: {bad / 'a.png'}: cannot identify image file",
+        f"lowcon: error: {bad}: no image written: no readable image among the inputs (each skipped file was named above)"]
+    assert not (tmp_path / "out").exists()
+    # a run folder stands for its last.pt
+    code, out, err = _cli(capsys, "translate", data["testA"], "-o", tmp_path / "out2", "--checkpoint", cut_run["dir"])
+    assert code == 0 and "wrote 3 image(s)" in out, err  # testA holds 3 crops
+    junk = tmp_path / "junk.pth"
+    junk.write_text("not torch")
+    code, _, err = _cli(capsys, "eval", "--run", cut_run["dir"], "--real", data["testB"], "--test", data["testA"],
+                        "--inception-weights", junk)
+    _one_error_line(code, err, f"{junk}: not the FID Inception-v3 weights file")
 
 
 def test_collapse_check_flags_identical_and_identity_outputs_and_is_quiet_otherwise(data):

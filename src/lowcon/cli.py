@@ -38,6 +38,21 @@ def _restart(args, *, malloc_tcache: bool, brief_openmp_spin: bool) -> None:
                                       brief_openmp_spin=brief_openmp_spin)
 
 
+def _resumed_config_path(path: Path, method: str, cls, overrides: dict) -> Path:
+    """For ``--resume``: the run folder's own ``config.yaml`` (what the run was trained with,
+    ``--set`` overrides included), when there is one and it is a run of `method`; else `path`."""
+    from .config import load_config, read_yaml
+
+    run_dir = Path(load_config(cls, path, overrides).run_dir)
+    saved = run_dir / "config.yaml"
+    if not saved.is_file():
+        return path
+    saved_method = read_yaml(saved).get("method", "aecrnet")
+    if saved_method != method:
+        raise ValueError(f"{run_dir}: a {saved_method!r} run, resumed as {method!r}")
+    return saved
+
+
 def cmd_train(args) -> int:
     from .config import load_config, parse_overrides, preset_path, read_yaml
 
@@ -50,7 +65,12 @@ def cmd_train(args) -> int:
     if ("dir_a" in overrides or "dir_b" in overrides) and "data" not in overrides:
         overrides["data"] = None  # two domain folders replace the preset's data root
     method = overrides.get("method") or read_yaml(path).get("method", "aecrnet")
-    cfg = load_config(_config_class(method), path, overrides)
+    cls = _config_class(method)
+    if "steps" in overrides and method in TRANSLATION_METHODS:
+        overrides["max_steps"] = overrides.pop("steps")  # translation counts epochs; --steps caps them
+    if args.resume:
+        path = _resumed_config_path(path, method, cls, overrides)
+    cfg = load_config(cls, path, overrides)
     _restart(args, malloc_tcache=cfg.malloc_tcache, brief_openmp_spin=bool(getattr(cfg, "nnpack", False)))
     if method in DEHAZE_METHODS:
         from .dehazing import train_dehaze
@@ -60,7 +80,10 @@ def cmd_train(args) -> int:
         from .translation import train_translation
 
         run_dir = train_translation(cfg, resume=args.resume, progress=not args.quiet)
-    print(f"run folder: {run_dir} (last.pt, best.pt, log.csv, config.yaml, samples/)")
+    run_dir = Path(run_dir)
+    found = [name for name in ("last.pt", "best.pt", "log.csv", "config.yaml", "train.log", "epochs/", "samples/")
+             if (run_dir / name.rstrip("/")).exists()]
+    print(f"run folder: {run_dir} ({', '.join(found)})")
     return 0
 
 
@@ -112,12 +135,20 @@ def cmd_eval(args) -> int:
     return 0
 
 
+def _check_written(written: list, inputs: list) -> None:
+    """A command asked to write images that wrote none has failed (every input was skipped)."""
+    if not written:
+        raise ValueError(f"{' '.join(map(str, inputs))}: no image written: no readable image among the inputs "
+                         "(each skipped file was named above)")
+
+
 def cmd_dehaze(args) -> int:
     from .dehazing import dehaze_paths
 
     source = "dcp" if args.method == "dcp" else args.model
     written = dehaze_paths(args.inputs, args.output, source=source, device=args.device, batch_size=args.batch_size,
                            tile=args.tile, on_error=args.on_error, progress=not args.quiet)
+    _check_written(written, args.inputs)
     print(f"wrote {len(written)} image(s) to {args.output}")
     return 0
 
@@ -128,6 +159,7 @@ def cmd_translate(args) -> int:
     _restart(args, malloc_tcache=True, brief_openmp_spin=True)
     written = translate_paths(args.inputs, args.output, args.checkpoint, device=args.device,
                               batch_size=args.batch_size, direction=args.direction, on_error=args.on_error)
+    _check_written(written, args.inputs)
     print(f"wrote {len(written)} image(s) to {args.output}")
     return 0
 
@@ -252,6 +284,16 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _one_line_warning(message, category, filename, lineno, line=None) -> str:
+    """lowcon's own warnings (a skipped image, a collapse) as one line; others as Python shows them."""
+    if category.__module__.startswith("lowcon"):
+        return f"lowcon: warning: {message}\n"
+    return _python_format_warning(message, category, filename, lineno, line)
+
+
+_python_format_warning = warnings.formatwarning
+
+
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     # Only a real command line may be started again (lowcon.training.memory); not a caller's process.
@@ -260,15 +302,19 @@ def main(argv=None) -> int:
     from .contrast.embeddings import WeightsNotFoundError
     from .training import CheckpointError, TrainingDiverged
 
+    previous_format, warnings.formatwarning = warnings.formatwarning, _one_line_warning
     try:
         return args.func(args)
-    except (ConfigError, CheckpointError, WeightsNotFoundError, TrainingDiverged, FileNotFoundError, ValueError) as err:
+    except (ConfigError, CheckpointError, WeightsNotFoundError, TrainingDiverged, ValueError, OSError,
+            ImportError) as err:  # OSError: a missing file, a file where a folder goes, no permission
         message = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         print(f"lowcon: error: {message}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("lowcon: interrupted", file=sys.stderr)
         return 130
+    finally:
+        warnings.formatwarning = previous_format
 
 
 if __name__ == "__main__":

@@ -615,6 +615,8 @@ def translate_paths(
     if device.type == "cpu":  # the run's memory settings, as in training: by default freed memory
         configure_allocator(cfg.heap_mmap_threshold_mb, cfg.retain_freed_memory)  # serves the next image
     out_dir = Path(out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise NotADirectoryError(f"{out_dir}: is a file; the output must be a folder")
     files = _expand_inputs(inputs, on_error)
     outputs = _output_names(files, out_dir)
     sources = {p.resolve() for p in files}

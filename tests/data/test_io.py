@@ -207,6 +207,23 @@ def test_write_image_round_trip_and_atomic(tmp_path):
     assert (tmp_path / "z.bmp").read_bytes()[:2] == b"BM"
 
 
+def test_written_files_get_an_ordinary_mode_under_the_umask(tmp_path):
+    # mkstemp makes 0600 files; images, configs and checkpoints are ordinary files
+    import os
+
+    from lowcon.config import atomic_write_text
+    from lowcon.training import save_checkpoint
+
+    old = os.umask(0o027)
+    try:
+        paths = [write_image(tmp_path / "x.png", torch.zeros(3, 4, 4)), tmp_path / "c.yaml",
+                 save_checkpoint(tmp_path / "last.pt", {"step": 1})]
+        atomic_write_text(paths[1], "a: 1\n")
+    finally:
+        os.umask(old)
+    assert [oct(p.stat().st_mode & 0o777) for p in paths] == [oct(0o640)] * 3
+
+
 def test_write_image_clips_and_rejects_bad_input(tmp_path):
     write_image(tmp_path / "c.png", torch.tensor([[[-0.5, 1.5]]]).expand(3, 1, 2))
     assert torch.equal(read_image(tmp_path / "c.png")[0, 0], torch.tensor([0.0, 1.0]))

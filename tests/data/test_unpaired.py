@@ -93,7 +93,7 @@ def test_tiny_and_broken_images_are_reported(tmp_path):
     with pytest.warns(BadImageWarning) as record:
         data = UnpairedDataset(tmp_path / "trainA", tmp_path / "trainB", load_size=20, crop_size=16)
     messages = [str(r.message) for r in record]
-    assert any("dot.png" in m and "too small: 1x1, need at least 4x4" in m for m in messages)
+    assert any("dot.png" in m and "too small: 1x1, need at least 5x5" in m for m in messages)
     assert any("bad.png" in m for m in messages)
     assert len(data.paths_a) == 2 and len(data.paths_b) == 2
     with pytest.raises(ImageReadError, match="dot.png"):

@@ -1,6 +1,7 @@
 import platform
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -202,7 +203,7 @@ def test_translate_restarts_with_openmp_spinning_briefly(monkeypatch):
         monkeypatch.delenv(key, raising=False)
     seen = []
     monkeypatch.setattr(os, "execve", lambda path, argv, env: seen.append((argv, env)))
-    monkeypatch.setattr(lowcon.translation, "translate_paths", lambda *a, **k: [])
+    monkeypatch.setattr(lowcon.translation, "translate_paths", lambda *a, **k: [Path("out/x.png")])
     command = ["translate", "in", "-o", "out", "--checkpoint", "last.pt"]
     assert cli.main(command) == 0
     assert seen == []  # main(argv) from a caller's process never restarts

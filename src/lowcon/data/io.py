@@ -33,6 +33,8 @@ import torch
 from PIL import Image, UnidentifiedImageError
 from torch import Tensor
 
+from lowcon.config import publish
+
 __all__ = [
     "ImageReadError",
     "BadImageWarning",
@@ -311,7 +313,7 @@ def write_image(path: PathLike, image: Tensor, *, quality: int = 95) -> Path:
         with os.fdopen(handle, "wb") as tmp:
             options = {"quality": quality} if fmt == "JPEG" else {}
             pil.save(tmp, format=fmt, **options)
-        os.replace(tmp_name, path)
+        publish(tmp_name, path)
     except BaseException:
         if os.path.exists(tmp_name):
             os.unlink(tmp_name)

@@ -48,6 +48,8 @@ def resolve_unpaired_root(root: PathLike, phase: str = "train") -> tuple[Path, P
         FileNotFoundError: one line naming the missing folder.
     """
     root = Path(root)
+    if root.exists() and not root.is_dir():
+        raise NotADirectoryError(f"{root}: data root is a file, not a folder (with trainA/ and trainB/)")
     if not root.is_dir():
         raise FileNotFoundError(f"{root}: data root does not exist")
     dir_a, dir_b = root / f"{phase}A", root / f"{phase}B"
@@ -89,7 +91,8 @@ class UnpairedDataset(Dataset):
         seed: seed of all random choices; item ``index`` of epoch ``e`` depends on (seed, e,
             index) only, so the data are the same after a resume.
         on_error: ``"skip"`` (report and leave out) or ``"raise"`` for unreadable files.
-        min_size: smallest accepted image side (default 4: smaller images cannot be translated).
+        min_size: smallest accepted image side (default 5, as ``lowcon translate``: the generator
+            needs 5 px per side).
         no_resize_after_epoch: when set and the epoch (see `set_epoch`) is larger, load_size is
             taken equal to crop_size, as the official code does in the learning-rate decay phase
             (``epoch > n_epochs``). None (default) keeps load_size throughout.
@@ -114,7 +117,7 @@ class UnpairedDataset(Dataset):
         seed: int = 0,
         on_error: str = "skip",
         *,
-        min_size: int = 4,
+        min_size: int = 5,
         no_resize_after_epoch: Optional[int] = None,
     ) -> None:
         self.on_error = check_on_error(on_error)

@@ -381,9 +381,13 @@ class InceptionFeatureExtractor(nn.Module):
         super().__init__()
         path = find_inception_weights(weights_path)
         extractor_class = _import_torch_fidelity_inception()
-        self.net = extractor_class(
-            "inception-v3-compat", ["2048"], feature_extractor_weights_path=str(path)
-        )
+        try:
+            self.net = extractor_class(
+                "inception-v3-compat", ["2048"], feature_extractor_weights_path=str(path)
+            )
+        except Exception as err:  # torch.load and load_state_dict raise many types for a wrong file
+            first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+            raise ValueError(f"{path}: not the FID Inception-v3 weights file ({first[:120]})") from None
         self.eval()
 
     def train(self, mode: bool = True) -> "InceptionFeatureExtractor":

@@ -33,7 +33,8 @@ which keep lowcon's own transforms, as do outputs of more than 512x512 pixels (N
 grows with the image). The weight gradient is always lowcon's: torch has no NNPACK backward.
 :class:`NNPACKConv2d` (:func:`use_nnpack`) does the same for larger filters, such as the
 generators' 7x7 convolutions to and from 3 channels, where oneDNN is slow (3-4x); their weight
-gradient is aten's, or, to few channels, :func:`shifted_weight_grad`'s (2-2.7x faster than aten's). NNPACK runs on its own thread pool: while OpenMP's idle threads spin, the two
+gradient is aten's or, to few channels, :func:`shifted_weight_grad`'s (2-2.7x faster than aten's
+on an AVX-512 CPU). NNPACK runs on its own thread pool: while OpenMP's idle threads spin, the two
 pools compete for the cores and a training step gains nothing, so NNPACK serves only when OpenMP
 was told to stop spinning soon (``GOMP_SPINCOUNT`` of at most 100000, or
 ``OMP_WAIT_POLICY=passive``, set before torch loads). ``lowcon train``, ``lowcon translate``,

@@ -8,6 +8,8 @@ from typing import Any
 
 import torch
 
+from lowcon.config import publish
+
 __all__ = ["save_checkpoint", "load_checkpoint", "CheckpointError"]
 
 FORMAT_VERSION = 1
@@ -24,10 +26,7 @@ def save_checkpoint(path: str | os.PathLike, state: dict[str, Any]) -> Path:
     os.close(fd)
     try:
         torch.save({"lowcon_checkpoint": FORMAT_VERSION, **state}, tmp)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; a checkpoint is an ordinary file
-        os.replace(tmp, path)
+        publish(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
@@ -35,15 +34,21 @@ def save_checkpoint(path: str | os.PathLike, state: dict[str, Any]) -> Path:
 
 
 def load_checkpoint(path: str | os.PathLike, method: str | None = None, map_location="cpu") -> dict[str, Any]:
-    """Load a lowcon checkpoint; with `method`, check it was written by that method."""
+    """Load a lowcon checkpoint (a run folder stands for its ``last.pt``); with `method`, check it
+    was written by that method."""
     path = Path(path)
+    if path.is_dir():
+        if not (path / "last.pt").is_file():
+            raise CheckpointError(f"{path}: a folder without last.pt; give a checkpoint file")
+        path = path / "last.pt"
     if not path.is_file():
         raise CheckpointError(f"{path}: no such checkpoint")
     try:
         state = torch.load(path, map_location=map_location, weights_only=False)
     except Exception as err:  # torch raises many types for a damaged file
         first = (str(err).strip().splitlines() or [type(err).__name__])[0]
-        raise CheckpointError(f"{path}: not a readable checkpoint ({first})") from None
+        raise CheckpointError(f"{path}: not a readable checkpoint, damaged or not written by torch.save "
+                              f"(torch: {first[:120]})") from None
     if not isinstance(state, dict) or "lowcon_checkpoint" not in state:
         raise CheckpointError(f"{path}: not a lowcon checkpoint")
     if state["lowcon_checkpoint"] > FORMAT_VERSION:

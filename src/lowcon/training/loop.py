@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 import random
 import signal
+import sys
 import time
 from pathlib import Path
 from typing import Callable, Iterator, Optional
@@ -239,6 +240,8 @@ class Trainer:
                 signal.signal(signal.SIGTERM, previous)
         if interrupted["flag"]:
             self.save("last.pt")
+            print(f"stopped by SIGTERM at step {self.step} of {self.steps}; saved {self.run_dir / 'last.pt'} "
+                  "(resume with --resume)", file=sys.stderr, flush=True)
         return {"step": self.step, "best": self.best, "run_dir": str(self.run_dir)}
 
     def _run_validation(self, logger: MetricLogger) -> None:
