@@ -475,6 +475,14 @@ def test_cli_bad_paths_are_one_line_errors(cut_run, data, tmp_path, capsys):
     _one_error_line(code, err, f"{junk}: not the FID Inception-v3 weights file")
 
 
+def test_demo_runs_what_its_minutes_buy_within_its_step_range():
+    from lowcon.translation import DEMO_MAX_STEPS, _demo_epochs
+
+    assert _demo_epochs(3, 0.1, 64) == 28  # 1800 steps' worth: 28 whole epochs of 64
+    assert _demo_epochs(3, 0.01, 64) == DEMO_MAX_STEPS // 64 == 37  # a fast CPU stops at the cap
+    assert _demo_epochs(0.1, 5.0, 64) == 2  # a slow one still gets a full-lr and a decay epoch
+
+
 def test_collapse_check_flags_identical_and_identity_outputs_and_is_quiet_otherwise(data):
     inputs = torch.stack([read_image(p) for p in sorted(Path(data["trainA"]).iterdir())[:4]])
     others = torch.stack([read_image(p) for p in sorted(Path(data["trainA"]).iterdir())[4:8]])
