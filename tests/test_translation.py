@@ -475,6 +475,29 @@ def test_cli_bad_paths_are_one_line_errors(cut_run, data, tmp_path, capsys):
     _one_error_line(code, err, f"{junk}: not the FID Inception-v3 weights file")
 
 
+def test_training_skips_an_unreadable_image_and_keeps_the_warning_in_train_log(data, tmp_path):
+    root = tmp_path / "data"
+    shutil.copytree(data["root"], root)
+    (root / "trainA" / "garbage.png").write_text("not an image")
+    cfg = tiny_config({"root": root}, tmp_path / "run", max_steps=1)
+    with pytest.warns(BadImageWarning, match="garbage.png: cannot identify image file"):
+        train_translation(cfg, progress=False)
+    log = (tmp_path / "run" / "train.log").read_text()
+    assert f"warning: skipping image: {root / 'trainA' / 'garbage.png'}: cannot identify image file" in log
+
+
+def test_inputs_sharing_a_stem_are_all_written_and_a_png_keeps_its_name(tmp_path):
+    from lowcon.translation import RenamedOutputWarning, _output_names
+
+    files = [tmp_path / "a" / "odd.jpg", tmp_path / "a" / "odd.png", tmp_path / "b" / "odd.png", tmp_path / "c.bmp"]
+    with pytest.warns(RenamedOutputWarning) as caught:
+        names = _output_names(files, tmp_path / "out")
+    assert [n.name for n in names] == ["odd_1.png", "odd.png", "odd_2.png", "c.png"]
+    assert [str(w.message) for w in caught] == [
+        f"{files[0]}: written as {tmp_path / 'out' / 'odd_1.png'} (odd.png is another input's)",
+        f"{files[2]}: written as {tmp_path / 'out' / 'odd_2.png'} (odd.png is another input's)"]
+
+
 def test_demo_runs_what_its_minutes_buy_within_its_step_range():
     from lowcon.translation import DEMO_MAX_STEPS, _demo_epochs
 

@@ -32,7 +32,7 @@ from torch import Tensor, nn
 from torch.utils.data import Dataset, default_collate
 
 from lowcon.config import ConfigError, from_dict, save_config, to_dict
-from lowcon.data.io import ImageReadError, check_on_error, list_images, read_image, report_bad_image, write_image
+from lowcon.data.io import BadImageWarning, ImageReadError, check_on_error, list_images, read_image, report_bad_image, write_image
 from lowcon.data.unpaired import SingleImagePairDataset, UnpairedDataset, resolve_unpaired_root
 from lowcon.inference import auto_device, cpu_has_native_bf16
 from lowcon.methods.cut import CUT
@@ -55,6 +55,7 @@ from lowcon.training.memory import check_allocator_settings, configure_allocator
 __all__ = [
     "TranslationConfig",
     "CollapseWarning",
+    "RenamedOutputWarning",
     "build_dataset",
     "build_method",
     "train_translation",
@@ -80,6 +81,10 @@ RUN_KEYS = frozenset({
 
 class CollapseWarning(UserWarning):
     """Translations look collapsed: all alike, or the inputs unchanged."""
+
+
+class RenamedOutputWarning(UserWarning):
+    """An output file took another name than ``<stem>.png``: another input has that stem."""
 
 
 @dataclass
@@ -463,7 +468,11 @@ def train_translation(cfg: TranslationConfig, resume: bool = False, progress: bo
     if cfg.bf16 and device.type == "cpu" and cpu_has_native_bf16() is False:
         warnings.warn("bf16: this CPU has no native bfloat16 (AVX512-BF16, AMX); mixed precision is emulated "
                       "here and slower than float32", stacklevel=2)
-    dataset = build_dataset(cfg)
+    with warnings.catch_warnings(record=True) as caught:  # the skipped images go to train.log too
+        warnings.simplefilter("always", BadImageWarning)
+        dataset = build_dataset(cfg)
+    for w in caught:
+        warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
     steps_per_epoch = len(dataset) // cfg.batch_size
     if steps_per_epoch < 1:
         raise ValueError(f"batch_size: {cfg.batch_size} is larger than the data set ({len(dataset)} images)")
@@ -495,6 +504,9 @@ def train_translation(cfg: TranslationConfig, resume: bool = False, progress: bo
     save_config(cfg, run_dir / "config.yaml")
     _log_line(run_dir, f"{'resume' if resume else 'start'} {cfg.method}: {len(dataset)} items, "
                        f"{steps_per_epoch} steps/epoch, {steps} steps, device {device}")
+    for w in caught:
+        if issubclass(w.category, BadImageWarning):
+            _log_line(run_dir, f"warning: {w.message}")
     trainer = Trainer(
         method, dataset, run_dir, steps=steps, batch_size=cfg.batch_size, seed=cfg.seed,
         num_workers=cfg.num_workers, log_every=cfg.log_every, checkpoint_every=cfg.checkpoint_every,
@@ -567,15 +579,27 @@ def _expand_inputs(inputs: Sequence[PathLike], on_error: str) -> list[Path]:
 
 
 def _output_names(files: Sequence[Path], out_dir: Path) -> list[Path]:
+    """``out_dir/<stem>.png`` for each input. Inputs that share a stem (x.jpg and x.png, or x.png in
+    two folders) are all kept: a .png input keeps its own name where it can, the others get
+    ``<stem>_1.png``, ``<stem>_2.png``, ..., each renaming reported in one line."""
     used: set[str] = set()
-    outputs = []
-    for path in files:
+    names: list[str | None] = [None] * len(files)
+    for i, path in enumerate(files):  # .png inputs first: x.png stays x.png
+        if path.suffix.lower() == ".png" and f"{path.stem}.png" not in used:
+            names[i] = f"{path.stem}.png"
+            used.add(names[i])
+    for i, path in enumerate(files):
+        if names[i] is not None:
+            continue
         name, k = f"{path.stem}.png", 1
-        while name in used:  # same stem from two folders: keep both
+        while name in used:
             name, k = f"{path.stem}_{k}.png", k + 1
         used.add(name)
-        outputs.append(out_dir / name)
-    return outputs
+        names[i] = name
+        if k > 1:
+            warnings.warn(f"{path}: written as {out_dir / name} ({path.stem}.png is another input's)",
+                          RenamedOutputWarning, stacklevel=3)
+    return [out_dir / name for name in names]
 
 
 @torch.no_grad()
