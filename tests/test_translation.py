@@ -50,6 +50,7 @@ def tiny_config(folders: dict, run_dir: Path, method: str = "cut", **overrides) 
         values.update(lambda_NCE=10.0, nce_idt=False, flip_equivariance=True)
     if method == "cyclegan":
         values.update(pool_size=50, lambda_identity=0.5, antialias=False, antialias_up=False)
+        del values["nce_layers"], values["num_patches"]  # CUT-only keys: a cyclegan config refuses them
     values.update(overrides)
     return TranslationConfig(**values)
 
@@ -96,6 +97,7 @@ def test_presets_load_with_the_official_defaults():
 
 @pytest.mark.parametrize("overrides, key", [
     ({"method": "cyclegan", "flip_equivariance": True}, "flip_equivariance"),
+    ({"method": "cyclegan", "num_patches": 16}, "num_patches"),  # would be ignored: refused
     ({"pool_size": 50}, "pool_size"),
     ({"n_blocks": 1}, "nce_layers"),  # layer 16 is past the encoder of a 1-block generator
     ({"dir_a": "x", "dir_b": "y"}, "data"),

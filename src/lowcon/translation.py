@@ -22,7 +22,7 @@ import math
 import os
 import time
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Callable, Literal, Optional, Sequence, Union
 
@@ -250,10 +250,11 @@ class TranslationConfig:
         self._validate_stylegan2()
         if self.is_cut:
             self._validate_cut()
-        else:
-            for key, off in (("flip_equivariance", not self.flip_equivariance), ("lambda_R1", self.lambda_R1 == 0)):
-                if not off:
-                    raise ValueError(f"{key}: a CUT-family option, not used by cyclegan; remove it")
+        else:  # a CUT-family key set away from its default would be ignored: say so
+            for key in CUT_ONLY_KEYS:
+                value, default = getattr(self, key), _FIELD_DEFAULTS[key]
+                if (tuple(value) if isinstance(value, (list, tuple)) else value) != default:
+                    raise ValueError(f"{key}: a CUT-family option, not used by cyclegan; remove it (got {value!r})")
 
     def _validate_cut(self) -> None:
         if self.pool_size:
@@ -303,6 +304,12 @@ class TranslationConfig:
 # ---------------------------------------------------------------------------------------------
 # Building a run
 # ---------------------------------------------------------------------------------------------
+
+
+# Keys only the CUT family reads; a cyclegan config must leave them at their defaults.
+CUT_ONLY_KEYS = ("lambda_GAN", "lambda_NCE", "nce_idt", "nce_layers", "num_patches", "nce_T", "nce_negatives",
+                 "netF_nc", "flip_equivariance", "lambda_R1")
+_FIELD_DEFAULTS = {f.name: f.default for f in fields(TranslationConfig)}
 
 
 def _single_image(location: Path, domain: str) -> Path:

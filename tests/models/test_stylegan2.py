@@ -413,6 +413,8 @@ def _tiny(method: str = "sincut", **overrides) -> TranslationConfig:
     if method == "sincut":
         values.update(lambda_R1=1.0, lambda_identity=1.0, nce_negatives="batch", gan_mode="nonsaturating",
                       lr=0.002, beta1=0.0, beta2=0.99)
+    if method == "cyclegan":
+        del values["nce_layers"], values["num_patches"]  # CUT-only keys: a cyclegan config refuses them
     values.update(overrides)
     return TranslationConfig(**values)
 
