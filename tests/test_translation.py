@@ -320,6 +320,11 @@ def test_checkpoints_of_another_method_version_or_damaged_are_clear_errors(cut_r
         load_translator(cut_run["dir"] / "epochs" / "epoch_001.pt", method="fastcut")
     generator_b, cfg = load_translator(cyclegan_checkpoint, direction="BtoA")
     assert cfg.method == "cyclegan" and not generator_b.training
+    # a CycleGAN run of an older lowcon that took (and ignored) a PatchNCE key still translates
+    older = torch.load(cyclegan_checkpoint, weights_only=False)
+    older["config"]["num_patches"] = 16
+    torch.save(older, tmp_path / "older_cyclegan.pt")
+    assert load_translator(tmp_path / "older_cyclegan.pt")[1].num_patches == 256
     with pytest.raises(ValueError, match="one direction"):
         load_translator(cut_run["dir"] / "last.pt", direction="BtoA")
 

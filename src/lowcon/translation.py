@@ -550,6 +550,8 @@ def load_translator(
     saved = state.get("config")
     if state.get("method") not in ("cut", "cyclegan") or not isinstance(saved, dict) or weights is None:
         raise CheckpointError(f"{path}: not a translation checkpoint (method {state.get('method')!r})")
+    if saved.get("method") == "cyclegan":  # CycleGAN never read these; older runs may have set them
+        saved = {k: v for k, v in saved.items() if k not in CUT_ONLY_KEYS}
     try:
         cfg = from_dict(TranslationConfig, saved, source=str(path))
     except ConfigError as err:
