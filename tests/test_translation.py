@@ -381,7 +381,8 @@ def test_eval_cli_scores_a_run_with_an_inception_weights_file(cut_run, data, tmp
     """The whole `lowcon eval --run` path through torch-fidelity's Inception, from a file in the real
     file's format: the network's state dict, saved by torch.save. The real values cannot be
     downloaded here, so the file holds the network's random initialisation."""
-    inception = pytest.importorskip("torch_fidelity.feature_extractor_inceptionv3", reason="torch-fidelity not installed")
+    inception = pytest.importorskip("torch_fidelity.feature_extractor_inceptionv3",
+                                    reason="torch-fidelity not installed")
     from lowcon.cli import main
 
     placeholder = tmp_path / "placeholder.pth"
@@ -470,7 +471,8 @@ def test_cli_bad_paths_are_one_line_errors(cut_run, data, tmp_path, capsys):
                            "--checkpoint", str(cut_run["dir"] / "last.pt")], capture_output=True, text=True)
     assert done.returncode == 2 and done.stderr.splitlines() == [
         f"lowcon: warning: skipping image: {bad / 'a.png'}: cannot identify image file",
-        f"lowcon: error: {bad}: no image written: no readable image among the inputs (each skipped file was named above)"]
+        f"lowcon: error: {bad}: no image written: no readable image among the inputs "
+        "(each skipped file was named above)"]
     assert not (tmp_path / "out").exists()
     # a run folder stands for its last.pt
     code, out, err = _cli(capsys, "translate", data["testA"], "-o", tmp_path / "out2", "--checkpoint", cut_run["dir"])

@@ -298,7 +298,7 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     # Only a real command line may be started again (lowcon.training.memory); not a caller's process.
     args.restartable, args.argv = argv is None, list(sys.argv[1:] if argv is None else argv)
-    from .config import ConfigError
+    from .config import ConfigError, first_line
     from .contrast.embeddings import WeightsNotFoundError
     from .training import CheckpointError, TrainingDiverged
 
@@ -307,8 +307,7 @@ def main(argv=None) -> int:
         return args.func(args)
     except (ConfigError, CheckpointError, WeightsNotFoundError, TrainingDiverged, ValueError, OSError,
             ImportError) as err:  # OSError: a missing file, a file where a folder goes, no permission
-        message = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        print(f"lowcon: error: {message}", file=sys.stderr)
+        print(f"lowcon: error: {first_line(err)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("lowcon: interrupted", file=sys.stderr)

@@ -142,6 +142,12 @@ def save_config(cfg, path: str | os.PathLike) -> None:
     atomic_write_text(path, yaml.safe_dump(to_dict(cfg), sort_keys=False))
 
 
+def first_line(err: BaseException) -> str:
+    """The first line of an error's message, or its type's name when it has none: what a one-line
+    report of a library's multi-line error shows."""
+    return (str(err).strip().splitlines() or [type(err).__name__])[0]
+
+
 def publish(tmp: str | os.PathLike, path: str | os.PathLike) -> None:
     """Move a finished temporary file onto `path` in one step, with an ordinary file's mode under
     the process's umask (``mkstemp`` makes its files 0600)."""

@@ -32,7 +32,8 @@ from torch import Tensor, nn
 from torch.utils.data import Dataset, default_collate
 
 from lowcon.config import ConfigError, from_dict, save_config, to_dict
-from lowcon.data.io import BadImageWarning, ImageReadError, check_on_error, list_images, read_image, report_bad_image, write_image
+from lowcon.data.io import (BadImageWarning, ImageReadError, check_on_error, list_images, read_image, report_bad_image,
+                            write_image)
 from lowcon.data.unpaired import SingleImagePairDataset, UnpairedDataset, resolve_unpaired_root
 from lowcon.inference import auto_device, cpu_has_native_bf16
 from lowcon.methods.cut import CUT
@@ -973,8 +974,8 @@ def demo_translation(out_dir: PathLike, minutes: float = 3.0, progress: bool = T
         table, "",
         f"Small networks (ngf 8, 2 residual blocks, 48 px crops of 54 px resized photos, lr 5e-4; loss "
         f"weights of the cut and fastcut presets) trained on the CPU with {used_threads} thread(s), the "
-        f"number of steps set from a timing of the first steps, at most {DEMO_MAX_STEPS}. GAN training is noisy at this scale: "
-        "another seed or duration moves these numbers by a dB or two.", "",
+        f"number of steps set from a timing of the first steps, at most {DEMO_MAX_STEPS}. GAN training is "
+        "noisy at this scale: another seed or duration moves these numbers by a dB or two.", "",
         "![comparison](comparison.png)", "",
         "![CUT losses](curves_cut.png)", "",
         "![FastCUT losses](curves_fastcut.png)", "",

@@ -24,6 +24,7 @@ import torch
 from torch import Tensor, nn
 
 # one error for every missing weights file (VGG-19, Inception): the CLI reports it in one line
+from lowcon.config import first_line
 from lowcon.contrast.embeddings import WeightsNotFoundError
 
 __all__ = [
@@ -386,8 +387,7 @@ class InceptionFeatureExtractor(nn.Module):
                 "inception-v3-compat", ["2048"], feature_extractor_weights_path=str(path)
             )
         except Exception as err:  # torch.load and load_state_dict raise many types for a wrong file
-            first = (str(err).strip().splitlines() or [type(err).__name__])[0]
-            raise ValueError(f"{path}: not the FID Inception-v3 weights file ({first[:120]})") from None
+            raise ValueError(f"{path}: not the FID Inception-v3 weights file ({first_line(err)[:120]})") from None
         self.eval()
 
     def train(self, mode: bool = True) -> "InceptionFeatureExtractor":

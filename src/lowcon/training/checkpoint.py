@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 
-from lowcon.config import publish
+from lowcon.config import first_line, publish
 
 __all__ = ["save_checkpoint", "load_checkpoint", "CheckpointError"]
 
@@ -46,9 +46,8 @@ def load_checkpoint(path: str | os.PathLike, method: str | None = None, map_loca
     try:
         state = torch.load(path, map_location=map_location, weights_only=False)
     except Exception as err:  # torch raises many types for a damaged file
-        first = (str(err).strip().splitlines() or [type(err).__name__])[0]
         raise CheckpointError(f"{path}: not a readable checkpoint, damaged or not written by torch.save "
-                              f"(torch: {first[:120]})") from None
+                              f"(torch: {first_line(err)[:120]})") from None
     if not isinstance(state, dict) or "lowcon_checkpoint" not in state:
         raise CheckpointError(f"{path}: not a lowcon checkpoint")
     if state["lowcon_checkpoint"] > FORMAT_VERSION:
