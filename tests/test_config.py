@@ -4,7 +4,8 @@ from typing import Literal
 
 import pytest
 
-from lowcon.config import ConfigError, from_dict, list_presets, load_config, parse_overrides, preset_path, save_config
+from lowcon.config import (ConfigError, first_line, from_dict, list_presets, load_config, parse_overrides, preset_path,
+                           save_config)
 from lowcon.dehazing import DehazeConfig
 
 
@@ -71,3 +72,10 @@ def test_dehaze_config_validation():
         from_dict(DehazeConfig, {"crop": 30})
     with pytest.raises(ConfigError, match="batch_size"):
         from_dict(DehazeConfig, {"num_negatives": 10, "batch_size": 4})
+
+
+def test_first_line_of_an_error():
+    assert first_line(RuntimeError("  size mismatch for w\n\tshape (3,) vs (4,)\n")) == "size mismatch for w"
+    # a library error with an empty message still reports something: its type
+    assert first_line(RuntimeError("")) == "RuntimeError"
+    assert first_line(ValueError("\n \n")) == "ValueError"

@@ -43,8 +43,7 @@ def read_yaml(path: str | os.PathLike) -> dict:
     try:
         data = yaml.safe_load(Path(path).read_text()) or {}
     except yaml.YAMLError as err:
-        first = str(err).strip().splitlines()[0]
-        raise ConfigError(f"{path}: not valid YAML ({first})") from None
+        raise ConfigError(f"{path}: not valid YAML ({first_line(err)})") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a mapping of keys to values, got {type(data).__name__}")
     return data

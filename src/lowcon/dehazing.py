@@ -14,7 +14,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from .baselines.dcp import DarkChannelPrior
-from .config import save_config, to_dict
+from .config import first_line, save_config, to_dict
 from .contrast import ContrastiveRegularization, CRSampler, VGG19Features
 from .data.io import ImageReadError, list_images, read_image, write_image
 from .data.paired import HazyFolder, PairedDehazeDataset, scene_ids, split_ids
@@ -241,7 +241,7 @@ def load_dehazer(source: str = "shipped", device: str = "cpu") -> tuple[nn.Modul
     try:
         net.load_state_dict(weights)
     except RuntimeError as err:
-        raise ValueError(f"{path}: weights do not fit the network of its config ({str(err).splitlines()[0]})") from None
+        raise ValueError(f"{path}: weights do not fit the network of its config ({first_line(err)})") from None
     return net.to(dev).eval(), net.size_multiple, f"AECR-Net ({path.name}, variant {cfg.variant})"
 
 

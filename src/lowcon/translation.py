@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.data import Dataset, default_collate
 
-from lowcon.config import ConfigError, from_dict, save_config, to_dict
+from lowcon.config import ConfigError, first_line, from_dict, save_config, to_dict
 from lowcon.data.io import (BadImageWarning, ImageReadError, check_on_error, list_images, read_image, report_bad_image,
                             write_image)
 from lowcon.data.unpaired import SingleImagePairDataset, UnpairedDataset, resolve_unpaired_root
@@ -570,8 +570,7 @@ def load_translator(
     try:
         generator.load_state_dict(weights[key])
     except RuntimeError as err:
-        first = str(err).strip().splitlines()[0]
-        raise CheckpointError(f"{path}: {key} weights do not fit the configured generator ({first})") from None
+        raise CheckpointError(f"{path}: {key} weights do not fit the configured generator ({first_line(err)})") from None
     return generator.to(device).eval(), cfg
 
 

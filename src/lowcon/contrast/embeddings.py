@@ -15,6 +15,8 @@ import torch
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
+from lowcon.config import first_line
+
 __all__ = ["VGG19Features", "WeightsNotFoundError", "VGG19_LAYER_INDEX", "AECR_LAYERS"]
 
 
@@ -153,8 +155,7 @@ def _build_vgg19_features(weights: WeightsArg) -> nn.Sequential:
     try:
         features.load_state_dict(state)
     except RuntimeError as err:
-        first = str(err).strip().splitlines()[0]
-        raise ValueError(f"{path}: not a VGG-19 state dict in torchvision's layout ({first})") from None
+        raise ValueError(f"{path}: not a VGG-19 state dict in torchvision's layout ({first_line(err)})") from None
     return features
 
 

@@ -19,6 +19,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from lowcon.config import first_line
+
 __all__ = ["Method"]
 
 
@@ -71,8 +73,7 @@ class Method(nn.Module):
             try:
                 module.load_state_dict(state[name], strict=strict)
             except RuntimeError as err:
-                first = str(err).strip().splitlines()[0]
-                raise ValueError(f"checkpoint: weights of {name!r} do not fit this network ({first})") from None
+                raise ValueError(f"checkpoint: weights of {name!r} do not fit this network ({first_line(err)})") from None
         return None
 
     def training_state_dict(self) -> dict:
