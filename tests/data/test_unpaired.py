@@ -146,6 +146,21 @@ def test_known_transform_matches_the_formula():
         apply_known_transform("vintage", image)
 
 
+def test_demo_transform_is_one_to_one_on_colours():
+    # The known-answer demo needs a map PatchNCE can follow: the channel rotation, whose third power
+    # is the identity, against sepia, which gives two colours of one brightness one tint.
+    from lowcon.translation import DEMO_TRANSFORM
+
+    image = torch.rand(3, 4, 5, generator=torch.Generator().manual_seed(1))
+    once = apply_known_transform(DEMO_TRANSFORM, image)
+    assert torch.equal(once, image[[1, 2, 0]])
+    assert torch.equal(apply_known_transform(DEMO_TRANSFORM, apply_known_transform(DEMO_TRANSFORM, once)), image)
+    grey = torch.full((3, 1, 1), 0.5)
+    red_green = torch.tensor([0.5 / 0.299 * 0.5, 0.5 / 0.587 * 0.5, 0.0]).view(3, 1, 1)  # grey's luma, no blue
+    sepia = [apply_known_transform("sepia", c) for c in (grey, red_green)]
+    assert (sepia[0] - sepia[1]).abs().max() < 0.02 < (grey - red_green).abs().max()
+
+
 def test_embedded_translation_set_offline(tmp_path, monkeypatch):
     def no_network(*args, **kwargs):
         raise OSError("network disabled in this test")

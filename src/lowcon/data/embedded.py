@@ -59,6 +59,9 @@ KNOWN_TRANSFORMS: dict[str, tuple[tuple[tuple[float, float, float], ...], float]
     "sepia": (((0.393, 0.769, 0.189), (0.349, 0.686, 0.168), (0.272, 0.534, 0.131)), 1.0),
     "warm": (((1.10, 0.05, 0.0), (0.0, 1.0, 0.0), (0.0, 0.0, 0.80)), 0.9),
     "cool": (((0.85, 0.0, 0.0), (0.0, 0.95, 0.05), (0.0, 0.05, 1.10)), 1.1),
+    # the channels rotated (out R, G, B = in G, B, R): a strong change that is one-to-one on colours,
+    # where sepia maps every hue of a brightness to one tint
+    "gbr": (((0.0, 1.0, 0.0), (0.0, 0.0, 1.0), (1.0, 0.0, 0.0)), 1.0),
 }
 
 
