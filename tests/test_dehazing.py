@@ -131,6 +131,16 @@ def test_cli_errors_are_one_line(tmp_path, capsys):
     assert main(["eval", "--data", str(tmp_path), "--model", str(tmp_path / "c.yaml")]) == 2
 
 
+def test_quiet_goes_before_or_after_the_command():
+    from lowcon.cli import build_parser
+
+    parser = build_parser()
+    for argv, quiet in ((["train", "cut"], False), (["--quiet", "train", "cut"], True),
+                        (["train", "cut", "--quiet"], True), (["--quiet", "demo", "translate"], True),
+                        (["translate", "x.png", "-o", "o", "--checkpoint", "c.pt", "--quiet"], True)):
+        assert parser.parse_args(argv).quiet is quiet, argv
+
+
 def test_load_dehazer_rejects_other_checkpoints(tmp_path):
     from lowcon.training import save_checkpoint
 

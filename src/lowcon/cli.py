@@ -210,9 +210,12 @@ def cmd_presets(args) -> int:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="lowcon", description="Contrastive learning for low-level vision.")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+    # also after the command (`lowcon train cut --quiet`); unset there, it keeps the value above
+    quiet = argparse.ArgumentParser(add_help=False)
+    quiet.add_argument("--quiet", action="store_true", default=argparse.SUPPRESS, help="no progress bars")
     sub = p.add_subparsers(dest="command", required=True)
 
-    t = sub.add_parser("train", help="train a preset or config file (see `lowcon presets`)")
+    t = sub.add_parser("train", help="train a preset or config file (see `lowcon presets`)", parents=[quiet])
     t.add_argument("config", help="preset name (aecrnet, cut, ...) or a YAML file")
     t.add_argument("--data", help="data folder (overrides the config's `data`)")
     t.add_argument("--run-dir", dest="run_dir")
@@ -222,7 +225,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--resume", action="store_true", help="continue the run in run_dir from last.pt")
     t.set_defaults(func=cmd_train)
 
-    e = sub.add_parser("eval", help="PSNR/SSIM of dehazers on pairs, or FID/KID of a translation run")
+    e = sub.add_parser("eval", help="PSNR/SSIM of dehazers on pairs, or FID/KID of a translation run", parents=[quiet])
     e.add_argument("--data", help="folder with hazy/ and clear/")
     e.add_argument("--model", nargs="+", default=["shipped"], help="shipped | dcp | hazy | checkpoint path(s)")
     e.add_argument("--layout", default="auto", choices=["auto", "reside", "same-name"])
@@ -237,7 +240,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--inception-weights", dest="inception_weights")
     e.set_defaults(func=cmd_eval)
 
-    d = sub.add_parser("dehaze", help="dehaze image files and folders")
+    d = sub.add_parser("dehaze", help="dehaze image files and folders", parents=[quiet])
     d.add_argument("inputs", nargs="+")
     d.add_argument("-o", "--output", required=True)
     d.add_argument("--model", default="shipped", help="shipped (default) or a checkpoint path")
@@ -248,7 +251,8 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--on-error", default="skip", choices=["skip", "raise"], dest="on_error")
     d.set_defaults(func=cmd_dehaze)
 
-    tr = sub.add_parser("translate", help="translate image files and folders with a CUT/FastCUT/CycleGAN checkpoint")
+    tr = sub.add_parser("translate", parents=[quiet],
+                        help="translate image files and folders with a CUT/FastCUT/CycleGAN checkpoint")
     tr.add_argument("inputs", nargs="+")
     tr.add_argument("-o", "--output", required=True)
     tr.add_argument("--checkpoint", required=True)
@@ -258,7 +262,7 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--on-error", default="skip", choices=["skip", "raise"], dest="on_error")
     tr.set_defaults(func=cmd_translate)
 
-    s = sub.add_parser("synth-haze", help="make a paired hazy/clear set from clear images")
+    s = sub.add_parser("synth-haze", help="make a paired hazy/clear set from clear images", parents=[quiet])
     s.add_argument("clear_dir")
     s.add_argument("-o", "--output", required=True)
     s.add_argument("--setting", default="ots", choices=["ots", "its"])
@@ -268,18 +272,19 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--seed", type=int, default=0)
     s.set_defaults(func=cmd_synth_haze)
 
-    m = sub.add_parser("demo", help="the embedded-data demos: dehaze (AECR-Net + CR) or translate (CUT/FastCUT)")
+    m = sub.add_parser("demo", parents=[quiet],
+                       help="the embedded-data demos: dehaze (AECR-Net + CR) or translate (CUT/FastCUT)")
     m.add_argument("task", nargs="?", default="dehaze", choices=["dehaze", "translate"])
     m.add_argument("--out")
     m.add_argument("--minutes", type=float, default=3.0)
     m.set_defaults(func=cmd_demo)
 
-    x = sub.add_parser("export", help="strip a run checkpoint to weights + config for inference")
+    x = sub.add_parser("export", help="strip a run checkpoint to weights + config for inference", parents=[quiet])
     x.add_argument("checkpoint")
     x.add_argument("-o", "--output", required=True)
     x.set_defaults(func=cmd_export)
 
-    pr = sub.add_parser("presets", help="list the shipped config presets")
+    pr = sub.add_parser("presets", help="list the shipped config presets", parents=[quiet])
     pr.set_defaults(func=cmd_presets)
     return p
 
