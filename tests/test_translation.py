@@ -362,6 +362,9 @@ def test_evaluate_run_reports_best_and_last_epoch(cut_run, data):
     assert f"**Best epoch** (lowest FID, what papers report): {result['best']['label']}" in report
     assert "**Last epoch** (what a finished run gives you): epoch 3" in report
     assert len(list((cut_run["dir"] / "eval" / "epoch_2").glob("*.png"))) == 3
+    assert "![FID and KID by step](scores.png)" in report
+    chart = read_image(cut_run["dir"] / "eval" / "scores.png")  # a picture beside the table
+    assert chart.shape[0] == 3 and min(chart.shape[1:]) > 100 and float(chart.std()) > 0.01
 
 
 def test_eval_cli_without_inception_weights_is_one_line_naming_the_file(cut_run, data, tmp_path, monkeypatch,

@@ -789,7 +789,8 @@ def evaluate_run(
 
     Translates `test_dir` with each ``epochs/epoch_XXX.pt`` (and ``last.pt`` when it is newer)
     into ``run_dir/eval/<epoch>/``, scores it against `real_dir` (the target domain's test
-    images) and writes ``eval/scores.csv`` and ``eval/report.md``.
+    images) and writes ``eval/scores.csv``, ``eval/scores.png`` (FID and KID against the step)
+    and ``eval/report.md``.
 
     Args:
         inception_weights: the FID Inception file (see :func:`lowcon.metrics.fid.load_inception`).
@@ -801,7 +802,7 @@ def evaluate_run(
         with the lowest FID, "last": the newest row, "csv": path, "report": path}.
     """
     from lowcon.metrics.fid import compute_fid_kid, load_inception
-    from lowcon.report import markdown_table, write_text_atomic
+    from lowcon.report import markdown_table, plot_curves, write_text_atomic
 
     run_dir, real_dir, test_dir = Path(run_dir), Path(real_dir), Path(test_dir)
     entries = _epoch_entries(run_dir)
@@ -830,6 +831,9 @@ def evaluate_run(
     writer.writeheader()
     writer.writerows(rows)
     write_text_atomic(csv_path, buffer.getvalue())
+    plot_curves([{"step": r["step"], "FID": r["fid"], "KID x 1000": 1000 * r["kid_mean"]} for r in rows],
+                ["FID", "KID x 1000"], run_dir / "eval" / "scores.png",
+                title=f"FID and KID of each saved generator (best: {best['label']}; last: {last['label']})")
     table = markdown_table(
         ["saved", "step", "FID", "KID x 1000", "warnings"],
         [[r["label"], r["step"], r["fid"], f"{1000 * r['kid_mean']:.2f} ± {1000 * r['kid_std']:.2f}", r["warnings"] or "-"]
@@ -843,6 +847,7 @@ def evaluate_run(
         f"- **Last epoch** (what a finished run gives you): {last['label']}: FID {last['fid']:.2f}, "
         f"KID x 1000 {1000 * last['kid_mean']:.2f}", "",
         table, "",
+        "![FID and KID by step](scores.png)", "",
         "Choosing the best epoch by test FID is optimistic (official CUT issue #65): report both.", "",
     ])
     report_path = write_text_atomic(run_dir / "eval" / "report.md", report)
