@@ -570,7 +570,8 @@ def load_translator(
     try:
         generator.load_state_dict(weights[key])
     except RuntimeError as err:
-        raise CheckpointError(f"{path}: {key} weights do not fit the configured generator ({first_line(err)})") from None
+        raise CheckpointError(
+            f"{path}: {key} weights do not fit the configured generator ({first_line(err)})") from None
     return generator.to(device).eval(), cfg
 
 
@@ -914,7 +915,8 @@ def demo_translation(out_dir: PathLike, minutes: float = 3.0, progress: bool = T
     Domain A: crops of the colour photos shipped with scikit-image; domain B: other crops under
     a fixed colour transform T, ``DEMO_TRANSFORM`` (the channel rotation: R, G, B <- G, B, R),
     never paired with A. After training, the PSNR of G(a) against T(a) on a held-out photo is
-    compared with the identity map's PSNR (a against T(a)): a model that learned the map beats it. Runs on the CPU with 1 or 2 threads (whichever is faster).
+    compared with the identity map's PSNR (a against T(a)): a model that learned the map beats it.
+    Runs on the CPU with 1 or 2 threads (whichever is faster).
 
     Writes ``report.md`` (table), ``comparison.png`` (input | CUT | FastCUT | target),
     ``curves_<method>.png`` (losses) and the two run folders under `out_dir`.

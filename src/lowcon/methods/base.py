@@ -73,7 +73,8 @@ class Method(nn.Module):
             try:
                 module.load_state_dict(state[name], strict=strict)
             except RuntimeError as err:
-                raise ValueError(f"checkpoint: weights of {name!r} do not fit this network ({first_line(err)})") from None
+                raise ValueError(
+                    f"checkpoint: weights of {name!r} do not fit this network ({first_line(err)})") from None
         return None
 
     def training_state_dict(self) -> dict:
