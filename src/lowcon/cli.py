@@ -72,14 +72,21 @@ def cmd_train(args) -> int:
         path = _resumed_config_path(path, method, cls, overrides)
     cfg = load_config(cls, path, overrides)
     _restart(args, malloc_tcache=cfg.malloc_tcache, brief_openmp_spin=bool(getattr(cfg, "nnpack", False)))
+    from .training import distributed
+
     if method in DEHAZE_METHODS:
         from .dehazing import train_dehaze
 
+        if distributed.launched_processes() > 1:
+            raise ValueError(f"{method}: data-parallel training (torchrun, WORLD_SIZE="
+                             f"{distributed.launched_processes()}) is for the translation methods; run it in one process")
         run_dir = train_dehaze(cfg, resume=args.resume, progress=not args.quiet)
     else:
         from .translation import train_translation
 
         run_dir = train_translation(cfg, resume=args.resume, progress=not args.quiet)
+    if not distributed.is_main():
+        return 0
     run_dir = Path(run_dir)
     found = [name for name in ("last.pt", "best.pt", "log.csv", "config.yaml", "train.log", "epochs/", "samples/")
              if (run_dir / name.rstrip("/")).exists()]

@@ -49,6 +49,7 @@ from lowcon.models.stylegan2 import (
     generator_channels,
     stylegan2_resolution,
 )
+from lowcon.training import distributed
 from lowcon.training.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from lowcon.training.loop import Trainer
 from lowcon.training.memory import check_allocator_settings, configure_allocator
@@ -461,25 +462,34 @@ def train_translation(cfg: TranslationConfig, resume: bool = False, progress: bo
             overwritten).
         progress: show a progress bar.
 
+    Started by ``torchrun --nproc_per_node N``, the N processes train as one run with the
+    whole batch ``batch_size`` split among them (:mod:`lowcon.training.distributed`); process 0
+    writes the files.
+
     Raises:
         FileExistsError, CheckpointError, ValueError, FileNotFoundError: one line each.
     """
     cfg.validate()
+    processes = distributed.launched_processes()
+    if cfg.batch_size % processes:
+        raise ValueError(f"batch_size: {cfg.batch_size} does not split evenly over {processes} processes "
+                         f"(it is the whole batch of a step, as in the official code)")
     run_dir = Path(cfg.run_dir)
     if resume:
         _check_resumable(cfg, run_dir)
     elif (run_dir / "last.pt").exists():
         raise FileExistsError(f"{run_dir}: holds a run already (last.pt); resume it or choose another run_dir")
     configure_allocator(cfg.heap_mmap_threshold_mb, cfg.retain_freed_memory)
-    torch.manual_seed(cfg.seed)
-    device = auto_device(cfg.device)
+    torch.manual_seed(cfg.seed)  # the same in every process: the same networks and random draws
+    device = distributed.setup(auto_device(cfg.device))
+    main = distributed.is_main()
     if cfg.bf16 and device.type == "cpu" and cpu_has_native_bf16() is False:
         warnings.warn("bf16: this CPU has no native bfloat16 (AVX512-BF16, AMX); mixed precision is emulated "
                       "here and slower than float32", stacklevel=2)
     with warnings.catch_warnings(record=True) as caught:  # the skipped images go to train.log too
         warnings.simplefilter("always", BadImageWarning)
         dataset = build_dataset(cfg)
-    for w in caught:
+    for w in caught if main else ():
         warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
     steps_per_epoch = len(dataset) // cfg.batch_size
     if steps_per_epoch < 1:
@@ -491,7 +501,7 @@ def train_translation(cfg: TranslationConfig, resume: bool = False, progress: bo
         steps = min(steps, cfg.max_steps)
 
     def save_epoch(epoch: int) -> None:
-        if epoch == total_epochs or (cfg.save_epoch_every and epoch % cfg.save_epoch_every == 0):
+        if main and (epoch == total_epochs or (cfg.save_epoch_every and epoch % cfg.save_epoch_every == 0)):
             save_checkpoint(run_dir / "epochs" / f"epoch_{epoch:03d}.pt", {
                 "method": method.name, "kind": "generator", "epoch": epoch, "step": epoch * steps_per_epoch,
                 "config": to_dict(cfg), "generator": {k: m.state_dict() for k, m in _generators(method).items()},
@@ -508,21 +518,24 @@ def train_translation(cfg: TranslationConfig, resume: bool = False, progress: bo
 
     method.epoch_end_hooks.append(save_epoch)
     method.visual_hooks.append(check_samples)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    save_config(cfg, run_dir / "config.yaml")
-    _log_line(run_dir, f"{'resume' if resume else 'start'} {cfg.method}: {len(dataset)} items, "
-                       f"{steps_per_epoch} steps/epoch, {steps} steps, device {device}")
-    for w in caught:
-        if issubclass(w.category, BadImageWarning):
-            _log_line(run_dir, f"warning: {w.message}")
+    if main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, run_dir / "config.yaml")
+        processes = f", {distributed.world_size()} processes" if distributed.world_size() > 1 else ""
+        _log_line(run_dir, f"{'resume' if resume else 'start'} {cfg.method}: {len(dataset)} items, "
+                           f"{steps_per_epoch} steps/epoch, {steps} steps, device {device}{processes}")
+        for w in caught:
+            if issubclass(w.category, BadImageWarning):
+                _log_line(run_dir, f"warning: {w.message}")
     trainer = Trainer(
         method, dataset, run_dir, steps=steps, batch_size=cfg.batch_size, seed=cfg.seed,
         num_workers=cfg.num_workers, log_every=cfg.log_every, checkpoint_every=cfg.checkpoint_every,
         sample_every=cfg.sample_every, config=to_dict(cfg), tensorboard=cfg.tensorboard, progress=progress,
-        sample_batch=_sample_batch(dataset) if cfg.sample_every else None,
+        sample_batch=_sample_batch(dataset) if cfg.sample_every and main else None,
     )
     trainer.fit(resume=resume)
-    _log_line(run_dir, f"stopped at step {trainer.step} of {steps}")
+    if main:
+        _log_line(run_dir, f"stopped at step {trainer.step} of {steps}")
     return run_dir
 
 

@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..training import distributed
 from .samples import group_patches
 
 __all__ = ["PatchNCELoss", "patch_nce_loss"]
@@ -26,7 +27,8 @@ def patch_nce_loss(
         k: (B, P, C) L2-normalised key features (the same locations of the source); detached.
         temperature: tau, 0.07 in CUT.
         negatives: "image" = the other P-1 patches of the same image (default); "batch" = the
-            other patches of the whole minibatch.
+            other patches of the whole minibatch: in data-parallel training
+            (:mod:`lowcon.training.distributed`), of every process's share of it.
         reduction: "mean" over all B*P patches, or "none" for the (B*P,) losses.
 
     The logits of a patch are [q.k, q.k_1, ..., q.k_M] / tau, where the entry of the positive
@@ -45,9 +47,14 @@ def patch_nce_loss(
     l_pos = (q * k).sum(-1).reshape(-1, 1)  # (B*P, 1)
     q_groups, k_groups = group_patches(q, k, negatives)  # (G, M, C)
     m = q_groups.shape[1]
-    l_neg = torch.bmm(q_groups, k_groups.transpose(1, 2))  # (G, M, M)
-    own = torch.eye(m, dtype=torch.bool, device=q.device)[None]
-    l_neg = l_neg.masked_fill(own, -10.0).reshape(-1, m)
+    # In data-parallel training the whole minibatch is every process's share: the negatives are
+    # all processes' keys (one group of M rows against world * M keys, own keys from `start` on).
+    k_groups, start = distributed.gather_rows(k_groups[0]) if negatives == "batch" else (k_groups, 0)
+    k_groups = k_groups.view(1, -1, k.shape[-1]) if negatives == "batch" else k_groups
+    l_neg = torch.bmm(q_groups, k_groups.transpose(1, 2))  # (G, M, world * M for "batch")
+    own = torch.zeros(l_neg.shape[1:], dtype=torch.bool, device=q.device)
+    own[:, start:start + m] = torch.eye(m, dtype=torch.bool, device=q.device)
+    l_neg = l_neg.masked_fill(own[None], -10.0).reshape(-1, l_neg.shape[-1])
     logits = torch.cat([l_pos, l_neg], dim=1) / temperature
     target = torch.zeros(logits.shape[0], dtype=torch.long, device=q.device)
     loss = F.cross_entropy(logits, target, reduction="none")

@@ -18,6 +18,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from . import distributed
 from .checkpoint import load_checkpoint, save_checkpoint
 from .logger import MetricLogger
 
@@ -74,6 +75,11 @@ class Trainer:
         method: a :class:`lowcon.methods.base.Method`.
         dataset: training items (dicts of tensors), batched with `batch_size`, last partial batch
             dropped.
+        batch_size: the whole batch of a step. In data-parallel training
+            (:mod:`lowcon.training.distributed`) each of the N processes takes its 1/N share of
+            the same items, its gradients are averaged with the others' before each optimiser
+            step and the logged losses are the processes' mean, so N processes train as one would
+            with the whole batch; only process 0 writes files.
         run_dir: where ``last.pt``, ``best.pt``, ``log.csv``, ``config.yaml`` and ``samples/`` go.
         steps: total optimisation steps.
         validate: ``fn(method) -> dict of metrics`` run every `val_every` steps; the first key
@@ -104,6 +110,9 @@ class Trainer:
     ) -> None:
         if len(dataset) < batch_size:
             raise ValueError(f"dataset: {len(dataset)} items, fewer than one batch of {batch_size}")
+        self.world, self.rank = distributed.world_size(), distributed.rank()
+        if batch_size % self.world:
+            raise ValueError(f"batch_size: {batch_size} does not split evenly over {self.world} processes")
         self.method = method
         self.dataset = EpochSeededDataset(dataset, seed)
         self.run_dir = Path(run_dir)
@@ -135,9 +144,12 @@ class Trainer:
                 self.method.set_epoch(epoch)
             order = epoch_order(len(self.dataset), self.seed, epoch)
             keys = (order[: self.steps_per_epoch * self.batch_size] + epoch * len(self.dataset)).tolist()
+            keys = keys[offset * self.batch_size:]
+            share = self.batch_size // self.world  # this process's items of each batch
+            keys = [key for i, key in enumerate(keys) if (i % self.batch_size) // share == self.rank]
             loader = DataLoader(
-                _Keys(self.dataset, keys[offset * self.batch_size:]),
-                batch_size=self.batch_size,
+                _Keys(self.dataset, keys),
+                batch_size=share,
                 num_workers=self.num_workers,
                 drop_last=True,
                 # Its own generator: making a loader must not draw from the global RNG, or a
@@ -162,8 +174,9 @@ class Trainer:
             "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()},
         }
 
-    def save(self, name: str = "last.pt") -> Path:
-        return save_checkpoint(self.run_dir / name, self._state())
+    def save(self, name: str = "last.pt") -> Optional[Path]:
+        """Write the checkpoint (process 0 only; None elsewhere)."""
+        return save_checkpoint(self.run_dir / name, self._state()) if self.rank == 0 else None
 
     def resume(self, path: Optional[str | Path] = None) -> int:
         path = Path(path) if path is not None else self.run_dir / "last.pt"
@@ -182,9 +195,15 @@ class Trainer:
     def fit(self, resume: bool | str | Path = False) -> dict:
         if resume:
             self.resume(None if resume is True else resume)
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        logger = MetricLogger(self.run_dir, self.tensorboard, resume_step=self.step if resume else None)
-        bar = _progress(self.steps, self.step, self.progress)
+        main = self.rank == 0
+        if self.world > 1:
+            distributed.broadcast_state(self.method)
+            distributed.average_gradients_of(self.method)
+        if main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+        logger = MetricLogger(self.run_dir, self.tensorboard, resume_step=self.step if resume else None) if main \
+            else _NoLogger()
+        bar = _progress(self.steps, self.step, self.progress and main)
         interrupted = {"flag": False}
         previous = signal.getsignal(signal.SIGTERM)
 
@@ -200,6 +219,8 @@ class Trainer:
         try:
             for batch in self._batches():
                 losses = self.method.train_step(batch)
+                # every process stops at the same step: the flag travels with the losses' means
+                losses, interrupted["flag"] = distributed.mean_over_processes(losses, interrupted["flag"])
                 bad = [k for k, v in losses.items() if not math.isfinite(float(v))]
                 if bad:
                     where = self.run_dir / "last.pt"
@@ -218,9 +239,9 @@ class Trainer:
                     bar.set_postfix({k: f"{v:.4g}" for k, v in row.items() if k in losses})
                     window, started, window_steps = {}, time.time(), 0
                 bar.update(1)
-                if self.sample_every and (self.step % self.sample_every == 0 or self.step == self.steps):
+                if main and self.sample_every and (self.step % self.sample_every == 0 or self.step == self.steps):
                     self._write_samples(batch)
-                if self.val_every and self.validate is not None and (self.step % self.val_every == 0 or self.step == self.steps):
+                if main and self.val_every and self.validate is not None and (self.step % self.val_every == 0 or self.step == self.steps):
                     self._run_validation(logger)
                 due = self.checkpoint_every and self.step % self.checkpoint_every == 0
                 if due or self.step == self.steps:
@@ -230,16 +251,15 @@ class Trainer:
                     break
         except KeyboardInterrupt:
             # Ctrl-C: keep the finished steps, then stop; `--resume` continues from here.
-            self.save("last.pt")
-            bar.write(f"interrupted at step {self.step}; saved {self.run_dir / 'last.pt'} (resume with --resume)")
+            if self.save("last.pt") is not None:
+                bar.write(f"interrupted at step {self.step}; saved {self.run_dir / 'last.pt'} (resume with --resume)")
             raise
         finally:
             bar.close()
             logger.close()
             if previous is not None:
                 signal.signal(signal.SIGTERM, previous)
-        if interrupted["flag"]:
-            self.save("last.pt")
+        if interrupted["flag"] and self.save("last.pt") is not None:
             print(f"stopped by SIGTERM at step {self.step} of {self.steps}; saved {self.run_dir / 'last.pt'} "
                   "(resume with --resume)", file=sys.stderr, flush=True)
         return {"step": self.step, "best": self.best, "run_dir": str(self.run_dir)}
@@ -262,6 +282,16 @@ class Trainer:
         visuals = self.method.visuals(self.sample_batch if self.sample_batch is not None else batch)
         if visuals:
             save_grid(visuals, self.run_dir / "samples" / f"step_{self.step:07d}.png")
+
+
+class _NoLogger:
+    """The logger of a process that writes nothing (data-parallel processes other than 0)."""
+
+    def log(self, step: int, row: dict) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
 
 
 class _Keys(Dataset):

@@ -1,0 +1,166 @@
+"""Data-parallel training over processes (``torchrun``), where N processes act as one run.
+
+``torchrun --nproc_per_node N -m lowcon train cut ...`` starts N processes; each reads its rank
+from the environment (``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``, ``MASTER_ADDR``,
+``MASTER_PORT``) and joins a process group (NCCL on GPUs, one GPU per process; gloo on the CPU).
+The run then behaves as one process with the whole batch:
+
+- each optimisation step's batch (``batch_size``, the whole batch as in the official code) is
+  split evenly, process r taking its r-th share of the same items with the same augmentation;
+- :class:`GradientAveraging` averages the gradients over the processes before every optimiser
+  step, and the logged losses are averaged too;
+- PatchNCE with ``negatives="batch"`` takes its negatives from the keys of every process
+  (:func:`gather_rows`), the whole minibatch. The official code's ``DataParallel`` split them
+  per GPU (official issue #67);
+- only process 0 writes (checkpoints, logs, samples).
+
+With one process, every function here is a no-op.
+"""
+from __future__ import annotations
+
+import os
+from datetime import timedelta
+from typing import Any, Iterable, Union
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+__all__ = ["GradientAveraging", "average_gradients", "gather_rows", "is_main", "mean_over_processes", "rank",
+           "setup", "world_size"]
+
+
+def world_size() -> int:
+    """Processes in this run (1 when there is no process group)."""
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def rank() -> int:
+    """This process's rank (0 when there is no process group)."""
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
+def is_main() -> bool:
+    """Whether this process writes the run's files."""
+    return rank() == 0
+
+
+def launched_processes(environ: Union[dict, None] = None) -> int:
+    """``WORLD_SIZE`` from the environment (``torchrun`` sets it), 1 when unset."""
+    env = os.environ if environ is None else environ
+    value = env.get("WORLD_SIZE", "1")
+    try:
+        return int(value)
+    except ValueError:
+        raise ValueError(f"WORLD_SIZE: expected a number of processes, got {value!r}") from None
+
+
+def setup(device: torch.device) -> torch.device:
+    """Join the process group that ``torchrun`` describes in the environment, once, and return
+    this process's device: ``cuda:LOCAL_RANK`` for a CUDA `device`, else `device`.
+
+    Does nothing with one process (no ``WORLD_SIZE`` or ``WORLD_SIZE=1``)."""
+    processes = launched_processes()
+    if processes <= 1:
+        return device
+    if not dist.is_available():
+        raise RuntimeError(f"WORLD_SIZE={processes}: this torch has no torch.distributed")
+    missing = [k for k in ("RANK", "MASTER_ADDR", "MASTER_PORT") if k not in os.environ]
+    if missing:
+        raise RuntimeError(f"WORLD_SIZE={processes} but {', '.join(missing)} unset: start the processes with "
+                           f"torchrun --nproc_per_node {processes} -m lowcon train ...")
+    if device.type == "cuda":
+        local = int(os.environ.get("LOCAL_RANK", os.environ["RANK"]))
+        if local >= torch.cuda.device_count():
+            raise RuntimeError(f"LOCAL_RANK={local}: this machine has {torch.cuda.device_count()} GPU(s)")
+        device = torch.device("cuda", local)
+        torch.cuda.set_device(device)
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=timedelta(minutes=30),
+                                **({"device_id": device} if device.type == "cuda" else {}))
+    return device
+
+
+def average_gradients(params: Iterable[torch.nn.Parameter]) -> None:
+    """Replace each parameter's gradient by its mean over the processes, in one all-reduce. A
+    process with no gradient for a parameter counts as a zero; a parameter with no gradient
+    anywhere keeps none (so the optimiser still skips it)."""
+    if world_size() == 1:
+        return
+    params = [p for p in params]
+    if not params:
+        return
+    reference = params[0]
+    present = torch.tensor([p.grad is not None for p in params], dtype=reference.dtype, device=reference.device)
+    flat = torch.cat([p.grad.reshape(-1).to(reference.dtype) if p.grad is not None
+                      else reference.new_zeros(p.numel()) for p in params] + [present])
+    dist.all_reduce(flat)
+    flat /= world_size()
+    offset = 0
+    for p, anywhere in zip(params, flat[-len(params):].tolist()):
+        values = flat[offset:offset + p.numel()].view_as(p)
+        offset += p.numel()
+        if anywhere > 0:
+            if p.grad is None:
+                p.grad = values.to(p.dtype).clone()
+            else:
+                p.grad.copy_(values)
+
+
+class GradientAveraging:
+    """An optimiser (or lowcon's ``DeferredOptimizer``) whose ``step`` first averages the
+    gradients of its parameters over the processes; everything else is the optimiser's own."""
+
+    def __init__(self, optimizer: Any) -> None:
+        self.optimizer = optimizer
+
+    def step(self, *args, **kwargs):
+        average_gradients(p for group in self.optimizer.param_groups for p in group["params"])
+        return self.optimizer.step(*args, **kwargs)
+
+    def __getattr__(self, name: str):
+        return getattr(self.optimizer, name)
+
+
+def average_gradients_of(method) -> None:
+    """Wrap each of `method.optimizers` in :class:`GradientAveraging` (once)."""
+    for name, optimizer in method.optimizers.items():
+        if not isinstance(optimizer, GradientAveraging):
+            method.optimizers[name] = GradientAveraging(optimizer)
+
+
+def broadcast_state(module: torch.nn.Module) -> None:
+    """Process 0's parameters and buffers, in every process."""
+    if world_size() == 1:
+        return
+    for tensor in list(module.parameters()) + list(module.buffers()):
+        dist.broadcast(tensor.data, src=0)
+
+
+def mean_over_processes(values: dict[str, float], flag: bool = False) -> tuple[dict[str, float], bool]:
+    """The mean of each value over the processes (every process passes the same keys), and
+    whether `flag` is set in any process."""
+    if world_size() == 1:
+        return values, flag
+    keys = sorted(values)
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+    packed = torch.tensor([float(values[k]) for k in keys] + [float(flag)], dtype=torch.float64, device=device)
+    dist.all_reduce(packed)
+    means = dict(zip(keys, (packed[:-1] / world_size()).tolist()))
+    return {k: means[k] for k in values}, bool(packed[-1].item() > 0)
+
+
+def gather_rows(x: Tensor) -> tuple[Tensor, int]:
+    """`x` (N, ...) of every process, concatenated in rank order along dim 0 (every process's N
+    the same), and the row where this process's `x` starts. No gradient flows back."""
+    if world_size() == 1:
+        return x, 0
+    x = x.detach().contiguous()
+    parts = [torch.empty_like(x) for _ in range(world_size())]
+    dist.all_gather(parts, x)
+    return torch.cat(parts), rank() * x.shape[0]
+
+
+def barrier() -> None:
+    if world_size() > 1:
+        dist.barrier()

@@ -1,0 +1,247 @@
+"""Data-parallel training: N processes (gloo, on the CPU) train as one process with the whole batch.
+
+Each test starts real processes, as ``torchrun`` would, and compares them with one process that
+holds the whole batch: the same losses, the same averaged gradients, PatchNCE's negatives from the
+whole minibatch (the official code's issue #67), and ``torchrun ... -m lowcon train`` end to end.
+"""
+import csv
+import os
+import socket
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+
+from lowcon.contrast.patchnce import patch_nce_loss
+from lowcon.data.embedded import write_embedded_translation_set
+from lowcon.training import distributed
+from lowcon.training.checkpoint import load_checkpoint
+from lowcon.translation import TranslationConfig, build_method, train_translation
+
+pytestmark = [pytest.mark.filterwarnings("ignore::lowcon.translation.CollapseWarning"),
+              pytest.mark.usefixtures("one_thread")]
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _run_processes(script: str, tmp_path: Path, world: int = 2, timeout: int = 180) -> list[dict]:
+    """Run `script` in `world` processes joined as torchrun joins them; each saves its result
+    to ``OUT`` (a torch file); return the results in rank order."""
+    path = tmp_path / "worker.py"
+    path.write_text(textwrap.dedent(script))
+    port = str(_free_port())
+    procs = []
+    for r in range(world):
+        env = dict(os.environ, RANK=str(r), LOCAL_RANK=str(r), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1",
+                   MASTER_PORT=port, OMP_NUM_THREADS="1", OUT=str(tmp_path / f"out{r}.pt"))
+        procs.append(subprocess.Popen([sys.executable, str(path)], env=env, stdout=subprocess.PIPE,
+                                      stderr=subprocess.STDOUT, text=True))
+    logs = [p.communicate(timeout=timeout)[0] for p in procs]
+    for r, (p, log) in enumerate(zip(procs, logs)):
+        assert p.returncode == 0, f"rank {r} failed:\n{log[-3000:]}"
+    return [torch.load(tmp_path / f"out{r}.pt") for r in range(world)]
+
+
+def test_one_process_needs_no_process_group():
+    assert distributed.world_size() == 1 and distributed.rank() == 0 and distributed.is_main()
+    x = torch.randn(3, 2)
+    gathered, start = distributed.gather_rows(x)
+    assert gathered is x and start == 0
+    assert distributed.mean_over_processes({"a": 1.5}, True) == ({"a": 1.5}, True)
+    assert distributed.launched_processes({}) == 1 and distributed.launched_processes({"WORLD_SIZE": "4"}) == 4
+    with pytest.raises(ValueError, match="WORLD_SIZE"):
+        distributed.launched_processes({"WORLD_SIZE": "two"})
+
+
+PATCHNCE_WORKER = """
+    import os, torch
+    import torch.distributed as dist
+    from lowcon.contrast.patchnce import patch_nce_loss
+    from lowcon.training import distributed
+    distributed.setup(torch.device("cpu"))
+    r = distributed.rank()
+    g = torch.Generator().manual_seed(0)
+    q = torch.nn.functional.normalize(torch.randn(4, 6, 8, generator=g, dtype=torch.float64), dim=-1)
+    k = torch.nn.functional.normalize(torch.randn(4, 6, 8, generator=g, dtype=torch.float64), dim=-1)
+    mine = q[2 * r:2 * r + 2].clone().requires_grad_(True)
+    loss = patch_nce_loss(mine, k[2 * r:2 * r + 2], negatives="batch")
+    loss.backward()
+    local = patch_nce_loss(q[2 * r:2 * r + 2], k[2 * r:2 * r + 2], negatives="image")
+    torch.save({"loss": loss.detach(), "grad": mine.grad, "image": local}, os.environ["OUT"])
+    dist.destroy_process_group()
+"""
+
+
+def test_patchnce_batch_negatives_come_from_every_process(tmp_path):
+    results = _run_processes(PATCHNCE_WORKER, tmp_path)
+    g = torch.Generator().manual_seed(0)
+    q = torch.nn.functional.normalize(torch.randn(4, 6, 8, generator=g, dtype=torch.float64), dim=-1)
+    k = torch.nn.functional.normalize(torch.randn(4, 6, 8, generator=g, dtype=torch.float64), dim=-1)
+    q.requires_grad_(True)
+    whole = patch_nce_loss(q, k, negatives="batch")  # one process, the whole minibatch
+    whole.backward()
+    # the processes' losses average to the whole batch's; each one's gradient is its share's
+    assert torch.allclose(torch.stack([r["loss"] for r in results]).mean(), whole.detach(), rtol=1e-12)
+    assert torch.allclose(torch.cat([r["grad"] for r in results]) / 2, q.grad, rtol=1e-10, atol=1e-14)
+    # #67: each process on its own share alone (what DataParallel's split gave) is another loss
+    alone = torch.stack([patch_nce_loss(q[i:i + 2].detach(), k[i:i + 2], negatives="batch") for i in (0, 2)]).mean()
+    assert abs(float(alone) - float(whole.detach())) > 1e-3
+    # "image" negatives never cross images, so they need nothing from the other processes
+    assert torch.allclose(torch.stack([r["image"] for r in results]).mean(),
+                          patch_nce_loss(q.detach(), k, negatives="image"), rtol=1e-12)
+
+
+STEP_WORKER = """
+    import os, sys, torch
+    sys.path.insert(0, {tests!r})
+    from test_distributed import tiny_method, batch_of_four, record_gradients
+    from lowcon.training import distributed
+    distributed.setup(torch.device("cpu"))
+    world, r = distributed.world_size(), distributed.rank()
+    method = tiny_method()
+    distributed.average_gradients_of(method)
+    seen = record_gradients(method)
+    share = {{k: v[2 * r:2 * r + 2] for k, v in batch_of_four().items()}}
+    losses = method.train_step(share)
+    losses, _ = distributed.mean_over_processes(losses)
+    torch.save({{"losses": losses, "grads": seen, "G": method.G.state_dict()}}, os.environ["OUT"])
+"""
+
+
+def tiny_method():
+    torch.manual_seed(0)
+    cfg = TranslationConfig(method="cut", data=None, load_size=20, crop_size=16, ngf=4, ndf=4, n_blocks=1,
+                            n_layers_D=2, nce_layers=(0, 4, 8, 12), num_patches=16, batch_size=4,
+                            nce_negatives="batch", device="cpu")
+    return build_method(cfg, steps_per_epoch=10)
+
+
+def batch_of_four() -> dict:
+    g = torch.Generator().manual_seed(1)
+    return {"A": torch.rand(4, 3, 16, 16, generator=g), "B": torch.rand(4, 3, 16, 16, generator=g)}
+
+
+def record_gradients(method) -> dict:
+    """Each optimiser's gradients as its step sees them (after the processes' averaging)."""
+    seen = {}
+    for name, opt in method.optimizers.items():
+        inner = opt.optimizer if isinstance(opt, distributed.GradientAveraging) else opt
+        original = inner.step
+
+        def step(*args, _name=name, _inner=inner, _original=original, **kwargs):
+            seen[_name] = [p.grad.clone() for group in _inner.param_groups for p in group["params"]
+                           if p.grad is not None]
+            return _original(*args, **kwargs)
+
+        inner.step = step
+    return seen
+
+
+def test_two_processes_take_the_step_one_process_takes_with_the_whole_batch(tmp_path):
+    results = _run_processes(STEP_WORKER.format(tests=str(Path(__file__).parent)), tmp_path)
+    method = tiny_method()
+    seen = record_gradients(method)
+    losses = method.train_step(batch_of_four())
+    for r in results:
+        assert r["losses"].keys() == losses.keys()
+        for key, value in losses.items():
+            assert abs(r["losses"][key] - value) <= 1e-5 * max(1.0, abs(value)), (key, r["losses"][key], value)
+        for name in ("G", "D", "F"):
+            assert len(r["grads"][name]) == len(seen[name]) > 0
+            got, want = torch.cat([g.flatten() for g in r["grads"][name]]), torch.cat([g.flatten() for g in seen[name]])
+            # float32 sums in another order; the biases before an instance norm have a gradient of
+            # zero up to that rounding, so the tolerance is set by the network's largest gradient
+            assert torch.allclose(got, want, rtol=1e-4, atol=1e-6 * want.abs().max().item()), name
+            assert (got - want).norm() <= 1e-5 * want.norm(), name
+    # both processes hold the same generator afterwards
+    for key, value in results[0]["G"].items():
+        assert torch.equal(value, results[1]["G"][key]), key
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> dict:
+    root = tmp_path_factory.mktemp("distributed_data")
+    return {"root": root, **write_embedded_translation_set(root, "sepia", size=24, crops_per_image=3,
+                                                           test_names=("coffee",))}
+
+
+TINY = ["ngf=4", "ndf=4", "n_blocks=1", "n_layers_D=2", "nce_layers=0,4,8,12", "num_patches=16", "load_size=20",
+        "crop_size=16", "batch_size=4", "log_every=1", "sample_every=2", "checkpoint_every=1", "device=cpu",
+        "nce_negatives=batch"]
+
+
+def _log_rows(run: Path) -> list[dict]:
+    with open(run / "log.csv") as f:
+        return list(csv.DictReader(f))
+
+
+def _torchrun(*argv, timeout=240) -> subprocess.CompletedProcess:
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                           "-m", "lowcon", *map(str, argv)], env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def test_torchrun_lowcon_train_is_one_run_written_once_and_resumes(data, tmp_path):
+    run = tmp_path / "two"
+    tiny = [a for kv in TINY for a in ("--set", kv)]
+    done = _torchrun("train", "cut", "--data", data["root"], "--run-dir", run, "--steps", 2, "--quiet", *tiny)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.count("run folder:") == 1  # process 0 reports; the other one is silent
+    assert "2 processes" in (run / "train.log").read_text()
+    assert sorted(p.name for p in (run / "samples").iterdir()) == ["step_0000002.png"]
+
+    # one process with the whole batch of 4 takes the same two steps
+    one = tmp_path / "one"
+    values = dict(kv.split("=", 1) for kv in TINY)
+    cfg = TranslationConfig(method="cut", data=str(data["root"]), run_dir=str(one), max_steps=2,
+                            load_size=20, crop_size=16, ngf=4, ndf=4, n_blocks=1, n_layers_D=2,
+                            nce_layers=(0, 4, 8, 12), num_patches=16, batch_size=4, log_every=1,
+                            sample_every=int(values["sample_every"]), checkpoint_every=1, device="cpu",
+                            nce_negatives="batch")
+    train_translation(cfg, progress=False)
+    rows_two, rows_one = _log_rows(run), _log_rows(one)
+    assert [r["step"] for r in rows_two] == [r["step"] for r in rows_one] == ["1", "2"]
+    for a, b in zip(rows_two, rows_one):
+        for key in ("G_GAN", "NCE_X", "NCE_Y", "D_real", "D_fake", "G"):
+            assert abs(float(a[key]) - float(b[key])) <= 1e-4 * max(1.0, abs(float(b[key]))), (key, a[key], b[key])
+    g_two = load_checkpoint(run / "last.pt")["model"]["G"]
+    g_one = load_checkpoint(one / "last.pt")["model"]["G"]
+    # Adam moves every parameter by about lr whatever the gradient's size, so the biases before an
+    # instance norm (a gradient of zero up to rounding) may move apart by up to lr a step; all
+    # the filters agree
+    worst = max((g_two[k] - g_one[k]).abs().max().item() for k in g_one if k.endswith("weight"))
+    assert worst < 1e-5, worst
+    assert all((g_two[k] - g_one[k]).abs().max().item() <= 2 * 2 * 2e-4 for k in g_one)
+
+    resumed = _torchrun("train", "cut", "--run-dir", run, "--resume", "--steps", 3, "--quiet")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert [r["step"] for r in _log_rows(run)] == ["1", "2", "3"]
+
+
+def test_a_batch_that_does_not_split_over_the_processes_is_a_one_line_error(data, tmp_path):
+    tiny = [a for kv in TINY if not kv.startswith("batch_size") for a in ("--set", kv)]
+    done = _torchrun("train", "cut", "--data", data["root"], "--run-dir", tmp_path / "r", "--steps", 1, "--quiet",
+                     *tiny, "--set", "batch_size=3")
+    assert done.returncode != 0
+    assert "lowcon: error: batch_size: 3 does not split evenly over 2 processes" in done.stderr
+    assert not (tmp_path / "r").exists()
+
+
+def test_dehazing_under_torchrun_is_a_one_line_error(tmp_path, monkeypatch, capsys):
+    from lowcon.cli import main
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    code = main(["train", "aecrnet", "--run-dir", str(tmp_path / "r"), "--steps", "1"])
+    err = capsys.readouterr().err
+    assert code == 2 and len(err.strip().splitlines()) == 1, err
+    assert "aecrnet: data-parallel training (torchrun, WORLD_SIZE=2) is for the translation methods" in err
+    assert not (tmp_path / "r").exists()
