@@ -88,7 +88,8 @@ def cmd_train(args) -> int:
     if not distributed.is_main():
         return 0
     run_dir = Path(run_dir)
-    found = [name for name in ("last.pt", "best.pt", "log.csv", "config.yaml", "train.log", "epochs/", "samples/")
+    found = [name for name in ("last.pt", "best.pt", "log.csv", "curves.png", "config.yaml", "train.log", "epochs/",
+                                "samples/")
              if (run_dir / name.rstrip("/")).exists()]
     print(f"run folder: {run_dir} ({', '.join(found)})")
     return 0

@@ -58,17 +58,23 @@ def _save_image_atomic(image: Image.Image, path: str | os.PathLike) -> Path:
 
 
 def plot_curves(
-    rows: Sequence[Mapping[str, float]], keys: Sequence[str], path: str | os.PathLike, title: str = ""
+    rows: Sequence[Mapping[str, float]], keys: Sequence[str], path: str | os.PathLike, title: str = "",
+    columns: int = 0,
 ) -> Path:
-    """Loss curves (one panel per key, against `step`) from logged rows, as a PNG."""
+    """Loss curves (one panel per key, against `step`) from logged rows, as a PNG: one row of
+    panels, or rows of `columns` panels."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     keys = [k for k in keys if any(k in r for r in rows)]
-    fig, axes = plt.subplots(1, max(1, len(keys)), figsize=(3.2 * max(1, len(keys)), 2.8), squeeze=False)
-    for ax, key in zip(axes[0], keys):
+    across = max(1, min(columns, len(keys)) if columns else len(keys))
+    down = max(1, -(-len(keys) // across))
+    fig, axes = plt.subplots(down, across, figsize=(3.2 * across, 2.8 * down), squeeze=False)
+    for ax in axes.flat[len(keys):]:
+        ax.set_visible(False)
+    for ax, key in zip(axes.flat, keys):
         pts = [(float(r["step"]), float(r[key])) for r in rows if key in r]
         ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="." if len(pts) < 30 else None)
         ax.set_title(key, fontsize=9)

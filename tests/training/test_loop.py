@@ -106,3 +106,37 @@ def test_checkpoint_checks(tmp_path):
 def test_dataset_smaller_than_batch(tmp_path):
     with pytest.raises(ValueError, match="fewer than one batch"):
         Trainer(LinearFit(), Noisy(2), tmp_path, steps=1, batch_size=3)
+
+
+def test_curves_png_draws_every_logged_loss_and_survives_a_resume(tmp_path, monkeypatch):
+    import lowcon.report as report
+
+    drawn = []
+    real = report.plot_curves
+
+    def spy(rows, keys, path, title="", columns=0):
+        drawn.append(([int(float(r["step"])) for r in rows], list(keys), title))
+        return real(rows, keys, path, title, columns)
+
+    monkeypatch.setattr(report, "plot_curves", spy)
+    _, trainer = make(tmp_path, steps=4)
+    trainer.fit()
+    assert drawn == [([1, 2, 3, 4], ["mse", "lr_net"], "linear: step 4 of 4")]  # at the end only
+    from PIL import Image
+
+    with Image.open(tmp_path / "curves.png") as image:  # two panels in one row, 110 dpi
+        assert image.size == (int(3.2 * 2 * 110), int(2.8 * 110))
+    _, trainer = make(tmp_path, steps=6)
+    trainer.fit(resume=True)
+    assert drawn[-1][0] == [1, 2, 3, 4, 5, 6]  # the resumed run's rows and the new ones
+
+
+def test_plot_curves_wraps_panels_into_rows(tmp_path):
+    from PIL import Image
+
+    from lowcon.report import plot_curves
+
+    rows = [{"step": s, **{f"k{i}": s * i for i in range(6)}} for s in range(1, 4)]
+    path = plot_curves(rows, [f"k{i}" for i in range(6)], tmp_path / "c.png", columns=4)
+    with Image.open(path) as image:
+        assert image.size == (int(3.2 * 4 * 110), int(2.8 * 2 * 110))

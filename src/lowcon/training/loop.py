@@ -80,7 +80,8 @@ class Trainer:
             the same items, its gradients are averaged with the others' before each optimiser
             step and the logged losses are the processes' mean, so N processes train as one would
             with the whole batch; only process 0 writes files.
-        run_dir: where ``last.pt``, ``best.pt``, ``log.csv``, ``config.yaml`` and ``samples/`` go.
+        run_dir: where ``last.pt``, ``best.pt``, ``log.csv``, ``curves.png`` (the logged losses,
+            drawn with each sample grid and at the end), ``config.yaml`` and ``samples/`` go.
         steps: total optimisation steps.
         validate: ``fn(method) -> dict of metrics`` run every `val_every` steps; the first key
             (or `best_metric`) decides ``best.pt`` (higher is better unless `best_mode="min"`).
@@ -241,6 +242,9 @@ class Trainer:
                 bar.update(1)
                 if main and self.sample_every and (self.step % self.sample_every == 0 or self.step == self.steps):
                     self._write_samples(batch)
+                    self._write_curves(logger.rows)
+                elif main and self.step == self.steps:
+                    self._write_curves(logger.rows)
                 if main and self.val_every and self.validate is not None and (self.step % self.val_every == 0 or self.step == self.steps):
                     self._run_validation(logger)
                 due = self.checkpoint_every and self.step % self.checkpoint_every == 0
@@ -275,6 +279,18 @@ class Trainer:
         if better:
             self.best = value
             self.save("best.pt")
+
+    def _write_curves(self, rows: list[dict]) -> None:
+        """``curves.png``: every logged loss term against the step, and the first learning rate."""
+        from ..report import plot_curves
+
+        if not rows:
+            return
+        columns = list(dict.fromkeys(k for row in rows for k in row))
+        losses = [k for k in columns if k not in ("step", "sec_per_step") and not k.startswith(("lr_", "val_"))]
+        extra = [k for k in columns if k.startswith("val_")] + [k for k in columns if k.startswith("lr_")][:1]
+        plot_curves(rows, losses + extra, self.run_dir / "curves.png",
+                    title=f"{self.method.name}: step {self.step} of {self.steps}", columns=4)
 
     def _write_samples(self, batch: dict) -> None:
         from ..report import save_grid
