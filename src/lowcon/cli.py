@@ -77,9 +77,6 @@ def cmd_train(args) -> int:
     if method in DEHAZE_METHODS:
         from .dehazing import train_dehaze
 
-        if distributed.launched_processes() > 1:
-            raise ValueError(f"{method}: data-parallel training (torchrun, WORLD_SIZE="
-                             f"{distributed.launched_processes()}) is for the translation methods; run it in one process")
         run_dir = train_dehaze(cfg, resume=args.resume, progress=not args.quiet)
     else:
         from .translation import train_translation

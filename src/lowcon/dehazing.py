@@ -24,7 +24,7 @@ from .metrics.protocols import DEFAULT_PROTOCOL, get_protocol
 from .models.aecrnet import AECRNET_VARIANTS, AECRNet, build_aecrnet
 from .models.winograd import set_band_size, use_winograd
 from .report import markdown_table, write_text_atomic
-from .training import Trainer, load_checkpoint, save_checkpoint
+from .training import Trainer, distributed, load_checkpoint, save_checkpoint
 from .training.memory import check_allocator_settings, configure_allocator
 
 __all__ = [
@@ -185,21 +185,32 @@ def _datasets(cfg: DehazeConfig):
 
 
 def train_dehaze(cfg: DehazeConfig, resume: bool = False, progress: bool = True) -> Path:
-    """Train AECR-Net (or a Table 2 / Table 4 variant) as configured; returns the run folder."""
+    """Train AECR-Net (or a Table 2 / Table 4 variant) as configured; returns the run folder.
+
+    Started by ``torchrun --nproc_per_node N``, the N processes train as one run with the whole
+    batch ``batch_size`` split among them (:mod:`lowcon.training.distributed`); process 0 writes
+    the files and validates."""
     run_dir = Path(cfg.run_dir)
+    processes = distributed.launched_processes()
+    if cfg.batch_size % processes:
+        raise ValueError(f"batch_size: {cfg.batch_size} does not split evenly over {processes} processes "
+                         f"(it is the whole batch of a step)")
     if resume and not (run_dir / "last.pt").is_file():
         raise FileNotFoundError(f"{run_dir / 'last.pt'}: nothing to resume (train without --resume first)")
     configure_allocator(cfg.heap_mmap_threshold_mb, cfg.retain_freed_memory)
     set_band_size(cfg.winograd_band_mb)
     train_set, val_set = _datasets(cfg)
-    method = build_dehaze_method(cfg)
+    device = distributed.setup(auto_device(cfg.device))
+    main = distributed.is_main()
+    method = build_dehaze_method(cfg, device)
     protocol = get_protocol(cfg.protocol)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    save_config(cfg, run_dir / "config.yaml")
-    if val_set is not None:
+    if main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, run_dir / "config.yaml")
+    if val_set is not None and main:
         # The validation scene IDs, one per line: `lowcon eval --ids val_ids.txt` scores the same split.
         ids = sorted(set(getattr(val_set, "scene_ids", [])))
-        (run_dir / "val_ids.txt").write_text("".join(f"{i}\n" for i in ids))
+        write_text_atomic(run_dir / "val_ids.txt", "".join(f"{i}\n" for i in ids))
 
     def validate(m: AECRTraining) -> dict:
         if val_set is None:
@@ -207,7 +218,7 @@ def train_dehaze(cfg: DehazeConfig, resume: bool = False, progress: bool = True)
         scores = evaluate_dehazer(m.net, val_set, protocol.name, size_multiple=4, max_images=cfg.val_max_images)
         return {"psnr": scores["psnr"], "ssim": scores["ssim"]}
 
-    sample = next(iter(DataLoader(val_set, batch_size=1))) if val_set is not None else None
+    sample = next(iter(DataLoader(val_set, batch_size=1))) if val_set is not None and main else None
     trainer = Trainer(
         method, train_set, run_dir, steps=cfg.steps, batch_size=cfg.batch_size, seed=cfg.seed,
         num_workers=cfg.num_workers, log_every=cfg.log_every, checkpoint_every=cfg.checkpoint_every,

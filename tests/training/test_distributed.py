@@ -76,7 +76,10 @@ PATCHNCE_WORKER = """
     loss = patch_nce_loss(mine, k[2 * r:2 * r + 2], negatives="batch")
     loss.backward()
     local = patch_nce_loss(q[2 * r:2 * r + 2], k[2 * r:2 * r + 2], negatives="image")
-    torch.save({"loss": loss.detach(), "grad": mine.grad, "image": local}, os.environ["OUT"])
+    images = torch.arange(4.0).view(4, 1, 1, 1).expand(4, 3, 2, 2)  # image i is all i
+    from lowcon.contrast import CRSampler
+    cr = {mode: CRSampler(2, 3, mode)(images[2 * r:2 * r + 2], images[2 * r:2 * r + 2] + 10) for mode in ("others", "flip")}
+    torch.save({"loss": loss.detach(), "grad": mine.grad, "image": local, "cr": cr}, os.environ["OUT"])
     dist.destroy_process_group()
 """
 
@@ -98,6 +101,16 @@ def test_patchnce_batch_negatives_come_from_every_process(tmp_path):
     # "image" negatives never cross images, so they need nothing from the other processes
     assert torch.allclose(torch.stack([r["image"] for r in results]).mean(),
                           patch_nce_loss(q.detach(), k, negatives="image"), rtol=1e-12)
+    # CR's samples from other images of the batch (Table 4's r:r) come from the whole batch too:
+    # anchor i's negatives are hazy images i, i+1, i+2 (mod 4), its positives clear images i, i+1
+    for r, result in enumerate(results):
+        positives, negatives = result["cr"]["others"]
+        for j in range(2):
+            i = 2 * r + j
+            assert negatives[j, :, 0, 0, 0].tolist() == [i, (i + 1) % 4, (i + 2) % 4]
+            assert positives[j, :, 0, 0, 0].tolist() == [10 + i, 10 + (i + 1) % 4]
+        positives, negatives = result["cr"]["flip"]  # the last images of the whole batch, for all
+        assert negatives[:, :, 0, 0, 0].tolist() == [[3, 2, 1]] * 2
 
 
 STEP_WORKER = """
@@ -236,12 +249,36 @@ def test_a_batch_that_does_not_split_over_the_processes_is_a_one_line_error(data
     assert not (tmp_path / "r").exists()
 
 
-def test_dehazing_under_torchrun_is_a_one_line_error(tmp_path, monkeypatch, capsys):
-    from lowcon.cli import main
 
-    monkeypatch.setenv("WORLD_SIZE", "2")
-    code = main(["train", "aecrnet", "--run-dir", str(tmp_path / "r"), "--steps", "1"])
-    err = capsys.readouterr().err
-    assert code == 2 and len(err.strip().splitlines()) == 1, err
-    assert "aecrnet: data-parallel training (torchrun, WORLD_SIZE=2) is for the translation methods" in err
-    assert not (tmp_path / "r").exists()
+@pytest.mark.filterwarnings("ignore:VGG19Features.weights='random'")
+def test_torchrun_lowcon_train_aecrnet_is_one_run_with_cr_samples_from_the_whole_batch(tmp_path):
+    from lowcon.data.embedded import write_embedded_dehaze_set
+
+    splits = write_embedded_dehaze_set(tmp_path / "set", size=32, per_image=2)
+    settings = {"val_data": splits["val"], "layout": "reside", "crop": 16, "batch_size": 4, "ngf": 8, "beta": 0.1,
+                "vgg_weights": "random", "num_positives": 2, "num_negatives": 3, "log_every": 1, "val_every": 2,
+                "sample_every": 2, "checkpoint_every": 1, "device": "cpu"}
+    tiny = [a for k, v in settings.items() for a in ("--set", f"{k}={v}")]
+    run = tmp_path / "two"
+    done = _torchrun("train", "aecrnet", "--data", splits["train"], "--run-dir", run, "--steps", 2, "--quiet", *tiny)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.count("run folder:") == 1
+    assert (run / "best.pt").is_file() and (run / "val_ids.txt").is_file()
+
+    from lowcon.config import from_dict
+    from lowcon.dehazing import DehazeConfig, train_dehaze
+
+    one = tmp_path / "one"
+    train_dehaze(from_dict(DehazeConfig, {**settings, "val_data": str(splits["val"]), "data": str(splits["train"]),
+                                          "run_dir": str(one), "steps": 2}), progress=False)
+    rows_two, rows_one = _log_rows(run), _log_rows(one)
+    assert [r["step"] for r in rows_two] == [r["step"] for r in rows_one] == ["1", "2", "2"]  # 2: validation too
+    for a, b in zip(rows_two, rows_one):
+        for key in ("l1", "cr", "total", "val_psnr"):
+            if b.get(key):
+                assert abs(float(a[key]) - float(b[key])) <= 1e-5 * max(1.0, abs(float(b[key]))), (key, a[key], b[key])
+    net_two = load_checkpoint(run / "last.pt")["model"]["net"]
+    net_one = load_checkpoint(one / "last.pt")["model"]["net"]
+    diffs = {k: (net_two[k].float() - net_one[k].float()).abs().max().item() for k in net_one}
+    worst = max(diffs.values())
+    assert worst < 1e-5, sorted(diffs.items(), key=lambda kv: -kv[1])[:8]

@@ -14,6 +14,8 @@ from typing import Iterator, Literal, Optional, Sequence
 import torch
 from torch import Tensor, nn
 
+from ..training import distributed
+
 __all__ = ["ContrastiveRegularization", "contrastive_regularization", "AECR_LAYER_WEIGHTS"]
 
 AECR_LAYER_WEIGHTS = (1.0 / 32, 1.0 / 16, 1.0 / 8, 1.0 / 4, 1.0)
@@ -52,10 +54,11 @@ def _l1_per_sample(anchor: Tensor, samples: Tensor) -> Tensor:
 
 def _reduce(distances: Tensor, weights: Optional[Tensor], reduction: str) -> Tensor:
     # distances: (B, N). The batch is averaged first, as the official L1 (mean over the whole
-    # batch tensor) does; then the N samples are summed or averaged.
+    # batch tensor) does; then the N samples are summed or averaged. In data-parallel training
+    # the batch is every process's rows.
     if weights is not None:
         distances = distances * weights
-    per_sample = distances.mean(0)
+    per_sample = distributed.mean_over_batch(distances)
     return per_sample.sum() if reduction == "sum" else per_sample.mean()
 
 

@@ -18,6 +18,8 @@ from typing import Literal, Optional, Sequence
 import torch
 from torch import Tensor
 
+from ..training import distributed
+
 __all__ = [
     "own_sample",
     "batch_samples",
@@ -96,7 +98,9 @@ class CRSampler:
             images of other samples of the batch (r:1 and r:r rows).
         num_negatives: 1 = the anchor's own hazy input; r > 1 = own hazy plus r-1 other hazy
             images of the batch (the 1:r row, r = 10 in the paper).
-        mode: how other batch images are chosen, see :func:`batch_samples`.
+        mode: how other batch images are chosen, see :func:`batch_samples`. In data-parallel
+            training (:mod:`lowcon.training.distributed`) they come from every process's share
+            of the batch, as from one process holding the whole batch.
 
     Call with ``(hazy, clear, extra_negatives=None)``; returns ``(positives, negatives)``,
     each (B, N, C, H, W). `extra_negatives` (B, K, C, H, W), e.g. the outputs of other
@@ -127,7 +131,12 @@ class CRSampler:
         return positives, negatives
 
     def _pick(self, images: Tensor, r: int) -> Tensor:
-        return own_sample(images) if r == 1 else batch_samples(images, r, include_own=True, mode=self.mode)
+        if r == 1:
+            return own_sample(images)
+        # In data-parallel training the batch is every process's share of it: the samples are
+        # picked from the whole batch, and this process keeps the rows of its own anchors.
+        whole, start = distributed.gather_rows(images)
+        return batch_samples(whole, r, include_own=True, mode=self.mode)[start:start + images.shape[0]]
 
 
 def group_patches(

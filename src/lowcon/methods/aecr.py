@@ -10,6 +10,7 @@ from torch import Tensor, nn
 
 from ..contrast import ContrastiveRegularization, CRSampler
 from ..inference import run_padded
+from ..training import distributed
 from .base import Method
 
 __all__ = ["AECRTraining", "cosine_schedule"]
@@ -94,7 +95,8 @@ class AECRTraining(Method):
         terms = self.losses(hazy, clear)
         opt = self.optimizers["net"]
         opt.zero_grad(set_to_none=True)
-        if torch.isfinite(terms["total"]):
+        # data-parallel processes step together or not at all (their gradients are averaged)
+        if distributed.in_every_process(bool(torch.isfinite(terms["total"]))):
             terms["total"].backward()
             opt.step()
             self.schedulers["net"].step()

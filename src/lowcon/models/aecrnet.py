@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
+from ..training import distributed
 from .deform_conv import sampled_deform_conv2d
 
 __all__ = [
@@ -182,6 +183,12 @@ class FastDeconv(nn.Module):
         patches = F.unfold(x.float(), self.kernel_size, padding=self.padding,
                            stride=self.sampling_stride * self.stride)
         patches = patches.transpose(1, 2).reshape(-1, self.num_features)
+        if distributed.world_size() > 1:
+            # Data-parallel training: the statistics of the whole batch, every process's patches
+            # (the same count in each: fixed-size crops). Gradient reaches this process's own
+            # patches only, which is exact where the input needs none (AECR-Net's hazy input).
+            whole, start = distributed.gather_rows(patches)
+            patches = torch.cat([whole[:start], patches, whole[start + patches.shape[0]:]])
         mean = patches.mean(0)
         centred = patches - mean
         identity = torch.eye(self.num_features, dtype=centred.dtype, device=centred.device)

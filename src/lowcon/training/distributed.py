@@ -1,6 +1,6 @@
 """Data-parallel training over processes (``torchrun``), where N processes act as one run.
 
-``torchrun --nproc_per_node N -m lowcon train cut ...`` starts N processes; each reads its rank
+``torchrun --nproc_per_node N -m lowcon train cut ...`` (or ``aecrnet``) starts N processes; each reads its rank
 from the environment (``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``, ``MASTER_ADDR``,
 ``MASTER_PORT``) and joins a process group (NCCL on GPUs, one GPU per process; gloo on the CPU).
 The run then behaves as one process with the whole batch:
@@ -11,7 +11,9 @@ The run then behaves as one process with the whole batch:
   step, and the logged losses are averaged too;
 - PatchNCE with ``negatives="batch"`` takes its negatives from the keys of every process
   (:func:`gather_rows`), the whole minibatch. The official code's ``DataParallel`` split them
-  per GPU (official issue #67);
+  per GPU (official issue #67). CR's samples from other images of the batch (Table 4's r:1,
+  1:r and r:r) are picked from the whole batch too, and its distances are averaged over the
+  whole batch before their ratio is taken (:func:`mean_over_batch`);
 - only process 0 writes (checkpoints, logs, samples).
 
 With one process, every function here is a no-op.
@@ -26,8 +28,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-__all__ = ["GradientAveraging", "average_gradients", "gather_rows", "is_main", "mean_over_processes", "rank",
-           "setup", "world_size"]
+__all__ = ["GradientAveraging", "average_gradients", "gather_rows", "in_every_process", "is_main",
+           "mean_over_batch", "mean_over_processes", "rank", "setup", "world_size"]
 
 
 def world_size() -> int:
@@ -148,6 +150,30 @@ def mean_over_processes(values: dict[str, float], flag: bool = False) -> tuple[d
     dist.all_reduce(packed)
     means = dict(zip(keys, (packed[:-1] / world_size()).tolist()))
     return {k: means[k] for k in values}, bool(packed[-1].item() > 0)
+
+
+def in_every_process(flag: bool, device: Union[torch.device, None] = None) -> bool:
+    """Whether `flag` holds in every process (one all-reduce; `flag` itself with one process)."""
+    if world_size() == 1:
+        return flag
+    if device is None:
+        device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+    missing = torch.tensor([0.0 if flag else 1.0], device=device)
+    dist.all_reduce(missing)
+    return bool(missing.item() == 0)
+
+
+def mean_over_batch(x: Tensor) -> Tensor:
+    """``x.mean(0)`` over the whole batch, every process's rows of `x` (B, ...) (equal B in every
+    process). Its gradient reaches this process's rows as that of its own mean does, so that the
+    gradients averaged over the processes are the whole batch's (what a ratio of batch means,
+    as in CR, needs: the mean of the processes' ratios would be another loss)."""
+    local = x.mean(0)
+    if world_size() == 1:
+        return local
+    whole = local.detach().clone()
+    dist.all_reduce(whole)
+    return local + (whole / world_size() - local).detach()
 
 
 def gather_rows(x: Tensor) -> tuple[Tensor, int]:
