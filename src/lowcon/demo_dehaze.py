@@ -103,7 +103,7 @@ Scores: protocol `{protocol.name}`: {protocol.description}
 
 ![loss curves]({curves.name})
 
-Run folder: `{run_dir}` (config.yaml, log.csv, last.pt, best.pt, samples/).
+Run folder: `{run_dir}` (config.yaml, log.csv, curves.png, last.pt, best.pt, samples/).
 A few minutes on a handful of images show that the pipeline runs and learns; they are not a benchmark.
 """
     return write_text_atomic(out_dir / "report.md", text)

@@ -1,7 +1,7 @@
 """Data-parallel training over processes (``torchrun``), where N processes act as one run.
 
-``torchrun --nproc_per_node N -m lowcon train cut ...`` (or ``aecrnet``) starts N processes; each reads its rank
-from the environment (``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``, ``MASTER_ADDR``,
+``torchrun --nproc_per_node N -m lowcon train PRESET ...`` starts N processes; each reads its
+rank from the environment (``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``, ``MASTER_ADDR``,
 ``MASTER_PORT``) and joins a process group (NCCL on GPUs, one GPU per process; gloo on the CPU).
 The run then behaves as one process with the whole batch:
 
@@ -13,8 +13,9 @@ The run then behaves as one process with the whole batch:
   (:func:`gather_rows`), the whole minibatch. The official code's ``DataParallel`` split them
   per GPU (official issue #67). CR's samples from other images of the batch (Table 4's r:1,
   1:r and r:r) are picked from the whole batch too, and its distances are averaged over the
-  whole batch before their ratio is taken (:func:`mean_over_batch`);
-- only process 0 writes (checkpoints, logs, samples).
+  whole batch before their ratio is taken (:func:`mean_over_batch`). AECR-Net's deconvolution
+  layer takes its statistics from every process's patches;
+- only process 0 writes (checkpoints, logs, samples) and validates.
 
 With one process, every function here is a no-op.
 """
@@ -28,8 +29,9 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-__all__ = ["GradientAveraging", "average_gradients", "gather_rows", "in_every_process", "is_main",
-           "mean_over_batch", "mean_over_processes", "rank", "setup", "world_size"]
+__all__ = ["GradientAveraging", "average_gradients", "average_gradients_of", "broadcast_state", "gather_rows",
+           "in_every_process", "is_main", "launched_processes", "mean_over_batch", "mean_over_processes", "rank",
+           "setup", "world_size"]
 
 
 def world_size() -> int:
@@ -145,20 +147,23 @@ def mean_over_processes(values: dict[str, float], flag: bool = False) -> tuple[d
     if world_size() == 1:
         return values, flag
     keys = sorted(values)
-    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
-    packed = torch.tensor([float(values[k]) for k in keys] + [float(flag)], dtype=torch.float64, device=device)
+    packed = torch.tensor([float(values[k]) for k in keys] + [float(flag)], dtype=torch.float64,
+                          device=_collective_device())
     dist.all_reduce(packed)
     means = dict(zip(keys, (packed[:-1] / world_size()).tolist()))
     return {k: means[k] for k in values}, bool(packed[-1].item() > 0)
 
 
-def in_every_process(flag: bool, device: Union[torch.device, None] = None) -> bool:
+def _collective_device() -> torch.device:
+    """Where small tensors for a collective live: NCCL takes CUDA tensors, gloo CPU ones."""
+    return torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+
+
+def in_every_process(flag: bool) -> bool:
     """Whether `flag` holds in every process (one all-reduce; `flag` itself with one process)."""
     if world_size() == 1:
         return flag
-    if device is None:
-        device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
-    missing = torch.tensor([0.0 if flag else 1.0], device=device)
+    missing = torch.tensor([0.0 if flag else 1.0], device=_collective_device())
     dist.all_reduce(missing)
     return bool(missing.item() == 0)
 
@@ -186,7 +191,3 @@ def gather_rows(x: Tensor) -> tuple[Tensor, int]:
     dist.all_gather(parts, x)
     return torch.cat(parts), rank() * x.shape[0]
 
-
-def barrier() -> None:
-    if world_size() > 1:
-        dist.barrier()
