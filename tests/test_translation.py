@@ -380,23 +380,31 @@ def test_eval_cli_without_inception_weights_is_one_line_naming_the_file(cut_run,
     assert str(tmp_path / "empty_torch_home" / "hub" / "checkpoints") in err
 
 
-def test_eval_cli_scores_a_run_with_an_inception_weights_file(cut_run, data, tmp_path, capsys):
-    """The whole `lowcon eval --run` path through torch-fidelity's Inception, from a file in the real
-    file's format: the network's state dict, saved by torch.save. The real values cannot be
-    downloaded here, so the file holds the network's random initialisation."""
+@pytest.fixture(scope="module")
+def random_inception(tmp_path_factory):
+    """An Inception weights file in the real file's format: the network's state dict, saved by
+    torch.save. The real values cannot be downloaded here, so it holds the network's random
+    initialisation. Returns (path, network)."""
     inception = pytest.importorskip("torch_fidelity.feature_extractor_inceptionv3",
                                     reason="torch-fidelity not installed")
-    from lowcon.cli import main
-
-    placeholder = tmp_path / "placeholder.pth"
+    folder = tmp_path_factory.mktemp("inception")
+    placeholder = folder / "placeholder.pth"
     torch.save({}, placeholder)
     with pytest.MonkeyPatch.context() as patch:  # build it once without loading, to get its keys and shapes
         patch.setattr(inception.FeatureExtractorInceptionV3, "load_state_dict", lambda self, state: None)
         torch.manual_seed(0)
         net = inception.FeatureExtractorInceptionV3("inception-v3-compat", ["2048"],
                                                     feature_extractor_weights_path=str(placeholder))
-    weights = tmp_path / "weights-inception.pth"
+    weights = folder / "weights-inception.pth"
     torch.save(net.state_dict(), weights)
+    return weights, net
+
+
+def test_eval_cli_scores_a_run_with_an_inception_weights_file(cut_run, data, random_inception, capsys):
+    """The whole `lowcon eval --run` path through torch-fidelity's Inception, from a file."""
+    from lowcon.cli import main
+
+    weights, net = random_inception
     assert main(["eval", "--run", str(cut_run["dir"]), "--real", str(data["testB"]), "--test", str(data["testA"]),
                  "--inception-weights", str(weights)]) == 0
     out = capsys.readouterr().out
@@ -411,6 +419,42 @@ def test_eval_cli_scores_a_run_with_an_inception_weights_file(cut_run, data, tmp
     as_bytes = (images * 255).round().to(torch.uint8)
     with torch.no_grad():
         torch.testing.assert_close(load_inception(weights)(images), net.eval()(as_bytes)[0])
+
+
+def test_eval_cli_downloads_inception_only_when_asked(cut_run, data, random_inception, tmp_path, monkeypatch,
+                                                     capsys):
+    """`--download-inception` fetches torch-fidelity's file into its cache (torch.hub's checkpoints
+    folder); a failed download is one line; later runs find the file there without the flag."""
+    import shutil
+    import urllib.error
+
+    from lowcon.cli import main
+    from lowcon.metrics.fid import INCEPTION_WEIGHTS_FILENAME, INCEPTION_WEIGHTS_URL
+
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch_home"))
+    cached = tmp_path / "torch_home" / "hub" / "checkpoints" / INCEPTION_WEIGHTS_FILENAME
+    argv = ["eval", "--run", str(cut_run["dir"]), "--real", str(data["testB"]), "--test", str(data["testA"])]
+    asked = []
+
+    def offline(url, dst, progress=True):
+        asked.append(url)
+        raise urllib.error.URLError("no network")
+
+    monkeypatch.setattr(torch.hub, "download_url_to_file", offline)
+    assert main(argv) == 2 and asked == []  # never without the flag
+    assert "--download-inception" in capsys.readouterr().err
+    assert main(argv + ["--download-inception"]) == 2 and asked == [INCEPTION_WEIGHTS_URL]
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and "download failed" in err and INCEPTION_WEIGHTS_FILENAME in err
+
+    def connected(url, dst, progress=True):
+        asked.append(url)
+        shutil.copyfile(random_inception[0], dst)
+
+    monkeypatch.setattr(torch.hub, "download_url_to_file", connected)
+    assert main(argv + ["--download-inception"]) == 0 and cached.is_file()
+    assert main(argv) == 0 and asked == [INCEPTION_WEIGHTS_URL] * 2  # the cached file, no second download
+    assert "best epoch: " in capsys.readouterr().out
 
 
 TINY_SET = ["ngf=4", "ndf=4", "n_blocks=1", "n_layers_D=2", "nce_layers=0,4,8,12", "num_patches=16", "load_size=20",

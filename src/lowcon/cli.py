@@ -99,7 +99,8 @@ def cmd_eval(args) -> int:
         if not (args.real and args.test):
             raise ValueError("eval --run: also give --real (target-domain images) and --test (source images)")
         _restart(args, malloc_tcache=True, brief_openmp_spin=True)
-        result = evaluate_run(args.run, args.real, args.test, inception_weights=args.inception_weights, device=args.device)
+        result = evaluate_run(args.run, args.real, args.test, inception_weights=args.inception_weights, device=args.device,
+                              allow_download=args.download_inception)
         for key in ("best", "last"):
             if key in result:
                 print(f"{key} epoch: {result[key]}")
@@ -243,6 +244,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--real", help="target-domain images (e.g. testB)")
     e.add_argument("--test", help="source images to translate (e.g. testA)")
     e.add_argument("--inception-weights", dest="inception_weights")
+    e.add_argument("--download-inception", dest="download_inception", action="store_true",
+                   help="with no local Inception file, download torch-fidelity's into its cache (needs internet)")
     e.set_defaults(func=cmd_eval)
 
     d = sub.add_parser("dehaze", help="dehaze image files and folders", parents=[quiet])

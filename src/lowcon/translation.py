@@ -798,6 +798,7 @@ def evaluate_run(
     *,
     direction: str = "AtoB",
     batch_size: int = 1,
+    allow_download: bool = False,
 ) -> dict:
     """FID and KID of every saved epoch of a run, with the best and the last epoch named apart.
 
@@ -810,6 +811,8 @@ def evaluate_run(
         inception_weights: the FID Inception file (see :func:`lowcon.metrics.fid.load_inception`).
         metric_fn: a feature extractor (B, 3, H, W) in [0, 1] -> (B, D) to use instead of
             Inception (tests pass a tiny one).
+        allow_download: without a local Inception file, download torch-fidelity's into its cache
+            (a connected machine; off by default, so that an offline one fails at once).
 
     Returns:
         {"rows": [{"label", "step", "fid", "kid_mean", "kid_std", "warnings"}...], "best": row
@@ -821,7 +824,7 @@ def evaluate_run(
     run_dir, real_dir, test_dir = Path(run_dir), Path(real_dir), Path(test_dir)
     entries = _epoch_entries(run_dir)
     if metric_fn is None:
-        metric_fn = load_inception(inception_weights, device=device)
+        metric_fn = load_inception(inception_weights, device=device, allow_download=allow_download)
     inputs = _load_folder(test_dir)
     targets = _load_folder(real_dir, limit=64)
     rows = []

@@ -328,8 +328,8 @@ def _missing_weights_message(reason: str) -> str:
         f"{reason}. FID/KID need the Inception-v3 weights file '{INCEPTION_WEIGHTS_FILENAME}' "
         f"(pytorch-fid's '{PYTORCH_FID_WEIGHTS_FILENAME}' also works): put it in "
         f"{_hub_checkpoint_dir()} (torch-fidelity's cache, follows $TORCH_HOME) or pass its path "
-        f"with --inception-weights PATH (inception_weights=... in Python). It can be downloaded "
-        f"on a machine with internet from {INCEPTION_WEIGHTS_URL}"
+        f"with --inception-weights PATH (inception_weights=... in Python). On a machine with internet, "
+        f"--download-inception (allow_download=True) fetches it from {INCEPTION_WEIGHTS_URL}"
     )
 
 
