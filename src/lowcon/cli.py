@@ -72,7 +72,7 @@ def cmd_train(args) -> int:
         path = _resumed_config_path(path, method, cls, overrides)
     cfg = load_config(cls, path, overrides)
     _restart(args, malloc_tcache=cfg.malloc_tcache, brief_openmp_spin=bool(getattr(cfg, "nnpack", False)))
-    from .training import distributed
+    from . import distributed
 
     if method in DEHAZE_METHODS:
         from .dehazing import train_dehaze

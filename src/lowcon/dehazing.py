@@ -13,6 +13,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
+from . import distributed
 from .baselines.dcp import DarkChannelPrior
 from .config import first_line, save_config, to_dict
 from .contrast import ContrastiveRegularization, CRSampler, VGG19Features
@@ -24,7 +25,7 @@ from .metrics.protocols import DEFAULT_PROTOCOL, get_protocol
 from .models.aecrnet import AECRNET_VARIANTS, AECRNet, build_aecrnet
 from .models.winograd import set_band_size, use_winograd
 from .report import markdown_table, write_text_atomic
-from .training import Trainer, distributed, load_checkpoint, save_checkpoint
+from .training import Trainer, load_checkpoint, save_checkpoint
 from .training.memory import check_allocator_settings, configure_allocator
 
 __all__ = [
@@ -188,7 +189,7 @@ def train_dehaze(cfg: DehazeConfig, resume: bool = False, progress: bool = True)
     """Train AECR-Net (or a Table 2 / Table 4 variant) as configured; returns the run folder.
 
     Started by ``torchrun --nproc_per_node N``, the N processes train as one run with the whole
-    batch ``batch_size`` split among them (:mod:`lowcon.training.distributed`); process 0 writes
+    batch ``batch_size`` split among them (:mod:`lowcon.distributed`); process 0 writes
     the files and validates."""
     run_dir = Path(cfg.run_dir)
     processes = distributed.launched_processes()

@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.data import Dataset, default_collate
 
+from lowcon import distributed
 from lowcon.config import ConfigError, first_line, from_dict, save_config, to_dict
 from lowcon.data.io import (BadImageWarning, ImageReadError, check_on_error, list_images, read_image, report_bad_image,
                             write_image)
@@ -49,7 +50,6 @@ from lowcon.models.stylegan2 import (
     generator_channels,
     stylegan2_resolution,
 )
-from lowcon.training import distributed
 from lowcon.training.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from lowcon.training.loop import Trainer
 from lowcon.training.memory import check_allocator_settings, configure_allocator
@@ -463,7 +463,7 @@ def train_translation(cfg: TranslationConfig, resume: bool = False, progress: bo
         progress: show a progress bar.
 
     Started by ``torchrun --nproc_per_node N``, the N processes train as one run with the
-    whole batch ``batch_size`` split among them (:mod:`lowcon.training.distributed`); process 0
+    whole batch ``batch_size`` split among them (:mod:`lowcon.distributed`); process 0
     writes the files.
 
     Raises:

@@ -17,7 +17,7 @@ import torch
 
 from lowcon.contrast.patchnce import patch_nce_loss
 from lowcon.data.embedded import write_embedded_translation_set
-from lowcon.training import distributed
+from lowcon import distributed
 from lowcon.training.checkpoint import load_checkpoint
 from lowcon.translation import TranslationConfig, build_method, train_translation
 
@@ -66,7 +66,7 @@ PATCHNCE_WORKER = """
     import os, torch
     import torch.distributed as dist
     from lowcon.contrast.patchnce import patch_nce_loss
-    from lowcon.training import distributed
+    from lowcon import distributed
     distributed.setup(torch.device("cpu"))
     r = distributed.rank()
     g = torch.Generator().manual_seed(0)
@@ -79,7 +79,10 @@ PATCHNCE_WORKER = """
     images = torch.arange(4.0).view(4, 1, 1, 1).expand(4, 3, 2, 2)  # image i is all i
     from lowcon.contrast import CRSampler
     cr = {mode: CRSampler(2, 3, mode)(images[2 * r:2 * r + 2], images[2 * r:2 * r + 2] + 10) for mode in ("others", "flip")}
-    torch.save({"loss": loss.detach(), "grad": mine.grad, "image": local, "cr": cr}, os.environ["OUT"])
+    from lowcon.contrast import negative_groups
+    _, keys, start = negative_groups(mine.detach(), k[2 * r:2 * r + 2], "batch")
+    torch.save({"loss": loss.detach(), "grad": mine.grad, "image": local, "cr": cr, "keys": keys, "start": start},
+               os.environ["OUT"])
     dist.destroy_process_group()
 """
 
@@ -92,6 +95,9 @@ def test_patchnce_batch_negatives_come_from_every_process(tmp_path):
     q.requires_grad_(True)
     whole = patch_nce_loss(q, k, negatives="batch")  # one process, the whole minibatch
     whole.backward()
+    # the negatives are the keys of the whole batch, each process's own from its first row on
+    for r, result in enumerate(results):
+        assert torch.equal(result["keys"], k.reshape(1, -1, 8)) and result["start"] == 12 * r
     # the processes' losses average to the whole batch's; each one's gradient is its share's
     assert torch.allclose(torch.stack([r["loss"] for r in results]).mean(), whole.detach(), rtol=1e-12)
     assert torch.allclose(torch.cat([r["grad"] for r in results]) / 2, q.grad, rtol=1e-10, atol=1e-14)
@@ -117,7 +123,7 @@ STEP_WORKER = """
     import os, sys, torch
     sys.path.insert(0, {tests!r})
     from test_distributed import tiny_method, batch_of_four, record_gradients
-    from lowcon.training import distributed
+    from lowcon import distributed
     distributed.setup(torch.device("cpu"))
     world, r = distributed.world_size(), distributed.rank()
     method = tiny_method()

@@ -5,4 +5,4 @@ from .infonce import InfoNCE, info_nce
 from .patchnce import PatchNCELoss, patch_nce_loss
 from .projector import DeferredOptimizer, PatchProjector, l2_normalize
 from .sampler import PatchSampler, sample_patches
-from .samples import CRSampler, batch_samples, group_patches, own_sample, stack_samples
+from .samples import CRSampler, batch_samples, group_patches, negative_groups, own_sample, stack_samples

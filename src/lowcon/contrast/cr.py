@@ -14,7 +14,7 @@ from typing import Iterator, Literal, Optional, Sequence
 import torch
 from torch import Tensor, nn
 
-from ..training import distributed
+from .. import distributed
 
 __all__ = ["ContrastiveRegularization", "contrastive_regularization", "AECR_LAYER_WEIGHTS"]
 

@@ -7,8 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..training import distributed
-from .samples import group_patches
+from .samples import negative_groups
 
 __all__ = ["PatchNCELoss", "patch_nce_loss"]
 
@@ -27,8 +26,8 @@ def patch_nce_loss(
         k: (B, P, C) L2-normalised key features (the same locations of the source); detached.
         temperature: tau, 0.07 in CUT.
         negatives: "image" = the other P-1 patches of the same image (default); "batch" = the
-            other patches of the whole minibatch: in data-parallel training
-            (:mod:`lowcon.training.distributed`), of every process's share of it.
+            other patches of the whole minibatch (in data-parallel training, every process's:
+            :func:`lowcon.contrast.samples.negative_groups`).
         reduction: "mean" over all B*P patches, or "none" for the (B*P,) losses.
 
     The logits of a patch are [q.k, q.k_1, ..., q.k_M] / tau, where the entry of the positive
@@ -45,14 +44,10 @@ def patch_nce_loss(
         raise ValueError(f"reduction: expected 'mean' or 'none', got {reduction!r}")
     k = k.detach()
     l_pos = (q * k).sum(-1).reshape(-1, 1)  # (B*P, 1)
-    q_groups, k_groups = group_patches(q, k, negatives)  # (G, M, C)
+    q_groups, k_groups, start = negative_groups(q, k, negatives)  # (G, M, C), (G, K, C)
     m = q_groups.shape[1]
-    # In data-parallel training the whole minibatch is every process's share: the negatives are
-    # all processes' keys (one group of M rows against world * M keys, own keys from `start` on).
-    k_groups, start = distributed.gather_rows(k_groups[0]) if negatives == "batch" else (k_groups, 0)
-    k_groups = k_groups.view(1, -1, k.shape[-1]) if negatives == "batch" else k_groups
-    l_neg = torch.bmm(q_groups, k_groups.transpose(1, 2))  # (G, M, world * M for "batch")
-    own = torch.zeros(l_neg.shape[1:], dtype=torch.bool, device=q.device)
+    l_neg = torch.bmm(q_groups, k_groups.transpose(1, 2))  # (G, M, K)
+    own = torch.zeros(l_neg.shape[1:], dtype=torch.bool, device=q.device)  # query m's own key: start + m
     own[:, start:start + m] = torch.eye(m, dtype=torch.bool, device=q.device)
     l_neg = l_neg.masked_fill(own[None], -10.0).reshape(-1, l_neg.shape[-1])
     logits = torch.cat([l_pos, l_neg], dim=1) / temperature

@@ -9,6 +9,9 @@ from the embedding network and from the loss math:
 - PatchNCE (CUT): the anchor is an output patch, the positive the input patch at the same place,
   the negatives the other sampled patches of the same image (or of the whole minibatch).
 
+In data-parallel training (:mod:`lowcon.distributed`) "the batch" is every process's share of it:
+:class:`CRSampler` and :func:`negative_groups` pick from the whole batch.
+
 All CR helpers return stacks shaped (B, N, C, H, W): N samples for each anchor of the batch.
 """
 from __future__ import annotations
@@ -18,7 +21,7 @@ from typing import Literal, Optional, Sequence
 import torch
 from torch import Tensor
 
-from ..training import distributed
+from .. import distributed
 
 __all__ = [
     "own_sample",
@@ -26,6 +29,7 @@ __all__ = [
     "stack_samples",
     "CRSampler",
     "group_patches",
+    "negative_groups",
 ]
 
 
@@ -99,7 +103,7 @@ class CRSampler:
         num_negatives: 1 = the anchor's own hazy input; r > 1 = own hazy plus r-1 other hazy
             images of the batch (the 1:r row, r = 10 in the paper).
         mode: how other batch images are chosen, see :func:`batch_samples`. In data-parallel
-            training (:mod:`lowcon.training.distributed`) they come from every process's share
+            training (:mod:`lowcon.distributed`) they come from every process's share
             of the batch, as from one process holding the whole batch.
 
     Call with ``(hazy, clear, extra_negatives=None)``; returns ``(positives, negatives)``,
@@ -152,3 +156,21 @@ def group_patches(
     if negatives == "batch":
         return q.reshape(1, -1, q.shape[-1]), k.reshape(1, -1, k.shape[-1])
     raise ValueError(f"negatives: expected 'image' or 'batch', got {negatives!r}")
+
+
+def negative_groups(
+    q: Tensor, k: Tensor, negatives: Literal["image", "batch"] = "image"
+) -> tuple[Tensor, Tensor, int]:
+    """:func:`group_patches`, with "batch" meaning the whole minibatch in data-parallel training
+    too (:mod:`lowcon.distributed`): the keys of every process, in rank order.
+
+    Returns:
+        (G, M, C) queries, (G, K, C) keys and the key index of the first query's own key: each
+        query m's own key (its positive, among the negatives) is key ``start + m``. K = M and
+        start = 0 but for "batch" over several processes (K = processes x M).
+    """
+    q_groups, k_groups = group_patches(q, k, negatives)
+    if negatives != "batch":
+        return q_groups, k_groups, 0
+    keys, start = distributed.gather_rows(k_groups[0])
+    return q_groups, keys.unsqueeze(0), start

@@ -10,7 +10,7 @@ from torch import Tensor, nn
 
 from ..contrast import ContrastiveRegularization, CRSampler
 from ..inference import run_padded
-from ..training import distributed
+from .. import distributed
 from .base import Method
 
 __all__ = ["AECRTraining", "cosine_schedule"]

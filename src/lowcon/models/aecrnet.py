@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from ..training import distributed
+from .. import distributed
 from .deform_conv import sampled_deform_conv2d
 
 __all__ = [

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from . import distributed
+from .. import distributed
 from .checkpoint import load_checkpoint, save_checkpoint
 from .logger import MetricLogger
 
@@ -76,7 +76,7 @@ class Trainer:
         dataset: training items (dicts of tensors), batched with `batch_size`, last partial batch
             dropped.
         batch_size: the whole batch of a step. In data-parallel training
-            (:mod:`lowcon.training.distributed`) each of the N processes takes its 1/N share of
+            (:mod:`lowcon.distributed`) each of the N processes takes its 1/N share of
             the same items, its gradients are averaged with the others' before each optimiser
             step and the logged losses are the processes' mean, so N processes train as one would
             with the whole batch; only process 0 writes files.

@@ -10,7 +10,7 @@ The run then behaves as one process with the whole batch:
 - :class:`GradientAveraging` averages the gradients over the processes before every optimiser
   step, and the logged losses are averaged too;
 - PatchNCE with ``negatives="batch"`` takes its negatives from the keys of every process
-  (:func:`gather_rows`), the whole minibatch. The official code's ``DataParallel`` split them
+  (:func:`lowcon.contrast.samples.negative_groups`), the whole minibatch. The official code's ``DataParallel`` split them
   per GPU (official issue #67). CR's samples from other images of the batch (Table 4's r:1,
   1:r and r:r) are picked from the whole batch too, and its distances are averaged over the
   whole batch before their ratio is taken (:func:`mean_over_batch`). AECR-Net's deconvolution
