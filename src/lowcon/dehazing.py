@@ -227,7 +227,12 @@ def train_dehaze(cfg: DehazeConfig, resume: bool = False, progress: bool = True)
         validate=validate, best_metric="psnr", config=to_dict(cfg), tensorboard=cfg.tensorboard,
         progress=progress, sample_batch=sample,
     )
-    trainer.fit(resume=resume)
+    try:
+        trainer.fit(resume=resume)
+    except BaseException:
+        distributed.leave(wait=False)
+        raise
+    distributed.leave()
     return run_dir
 
 

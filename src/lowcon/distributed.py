@@ -30,8 +30,8 @@ import torch.distributed as dist
 from torch import Tensor
 
 __all__ = ["GradientAveraging", "average_gradients", "average_gradients_of", "broadcast_state", "gather_rows",
-           "in_every_process", "is_main", "launched_processes", "mean_over_batch", "mean_over_processes", "rank",
-           "setup", "world_size"]
+           "in_every_process", "is_main", "launched_processes", "leave", "mean_over_batch", "mean_over_processes",
+           "rank", "setup", "world_size"]
 
 
 def world_size() -> int:
@@ -45,8 +45,11 @@ def rank() -> int:
 
 
 def is_main() -> bool:
-    """Whether this process writes the run's files."""
-    return rank() == 0
+    """Whether this process writes the run's files and reports: rank 0 of the process group,
+    or, before joining it or after leaving it, of torchrun's ``RANK`` (0 when unset)."""
+    if dist.is_available() and dist.is_initialized():
+        return rank() == 0
+    return os.environ.get("RANK", "0").strip() in ("0", "")
 
 
 def launched_processes(environ: Union[dict, None] = None) -> int:
@@ -83,6 +86,16 @@ def setup(device: torch.device) -> torch.device:
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=timedelta(minutes=30),
                                 **({"device_id": device} if device.type == "cuda" else {}))
     return device
+
+
+def leave(wait: bool = True) -> None:
+    """Leave the process group, with `wait` once every process has come here. A process that
+    exits with its group still alive can abort in gloo's or NCCL's destructors, and a process
+    that finishes early must not tear the group down under the others."""
+    if dist.is_available() and dist.is_initialized():
+        if wait:
+            dist.barrier()
+        dist.destroy_process_group()
 
 
 def average_gradients(params: Iterable[torch.nn.Parameter]) -> None:

@@ -533,9 +533,14 @@ def train_translation(cfg: TranslationConfig, resume: bool = False, progress: bo
         sample_every=cfg.sample_every, config=to_dict(cfg), tensorboard=cfg.tensorboard, progress=progress,
         sample_batch=_sample_batch(dataset) if cfg.sample_every and main else None,
     )
-    trainer.fit(resume=resume)
+    try:
+        trainer.fit(resume=resume)
+    except BaseException:
+        distributed.leave(wait=False)
+        raise
     if main:
         _log_line(run_dir, f"stopped at step {trainer.step} of {steps}")
+    distributed.leave()
     return run_dir
 
 

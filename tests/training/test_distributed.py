@@ -51,8 +51,13 @@ def _run_processes(script: str, tmp_path: Path, world: int = 2, timeout: int = 1
     return [torch.load(tmp_path / f"out{r}.pt") for r in range(world)]
 
 
-def test_one_process_needs_no_process_group():
+def test_one_process_needs_no_process_group(monkeypatch):
     assert distributed.world_size() == 1 and distributed.rank() == 0 and distributed.is_main()
+    distributed.leave()  # nothing to leave
+    monkeypatch.setenv("RANK", "1")  # torchrun's process 1, before joining or after leaving: it does not report
+    assert not distributed.is_main()
+    monkeypatch.setenv("RANK", "0")
+    assert distributed.is_main()
     x = torch.randn(3, 2)
     gathered, start = distributed.gather_rows(x)
     assert gathered is x and start == 0
@@ -64,7 +69,6 @@ def test_one_process_needs_no_process_group():
 
 PATCHNCE_WORKER = """
     import os, torch
-    import torch.distributed as dist
     from lowcon.contrast.patchnce import patch_nce_loss
     from lowcon import distributed
     distributed.setup(torch.device("cpu"))
@@ -83,7 +87,7 @@ PATCHNCE_WORKER = """
     _, keys, start = negative_groups(mine.detach(), k[2 * r:2 * r + 2], "batch")
     torch.save({"loss": loss.detach(), "grad": mine.grad, "image": local, "cr": cr, "keys": keys, "start": start},
                os.environ["OUT"])
-    dist.destroy_process_group()
+    distributed.leave()
 """
 
 
@@ -133,6 +137,7 @@ STEP_WORKER = """
     losses = method.train_step(share)
     losses, _ = distributed.mean_over_processes(losses)
     torch.save({{"losses": losses, "grads": seen, "G": method.G.state_dict()}}, os.environ["OUT"])
+    distributed.leave()
 """
 
 

@@ -35,6 +35,7 @@ class LinearFit(Method):
         self.seen = []
         self.nan_at = nan_at
         self.calls = 0
+        self.mid_step = None  # called with the call count after the step's random draw, before its update
 
     def checkpoint_modules(self):
         return {"net": self.net}
@@ -43,6 +44,8 @@ class LinearFit(Method):
         self.calls += 1
         self.seen.append(batch["i"].tolist())
         noise = torch.rand(1)  # model-side randomness, restored on resume
+        if self.mid_step is not None:
+            self.mid_step(self.calls)
         loss = (self.net(batch["x"]).squeeze(1) - batch["x"].sum(1) * noise).pow(2).mean()
         if self.nan_at is not None and self.calls == self.nan_at:
             loss = loss * float("nan")
@@ -140,3 +143,30 @@ def test_plot_curves_wraps_panels_into_rows(tmp_path):
     path = plot_curves(rows, [f"k{i}" for i in range(6)], tmp_path / "c.png", columns=4)
     with Image.open(path) as image:
         assert image.size == (int(3.2 * 4 * 110), int(2.8 * 2 * 110))
+
+
+@pytest.mark.parametrize("signals, raises, saved_step", [
+    (["SIGTERM"], None, 3),                      # a scheduler's kill: the step finishes, is saved, the run returns
+    (["SIGINT"], KeyboardInterrupt, 3),          # Ctrl-C: the same, then KeyboardInterrupt
+    (["SIGINT", "SIGINT"], KeyboardInterrupt, 2),  # Ctrl-C twice: stop at once, keep the last checkpoint
+])
+def test_a_signal_in_the_middle_of_a_step_never_saves_half_a_step(tmp_path, signals, raises, saved_step):
+    import os
+    import signal
+
+    full, trainer = make(tmp_path / "full", 8)
+    trainer.fit()
+    method, trainer = make(tmp_path / "cut", 8)  # checkpoints every 2 steps
+    method.mid_step = lambda call: [os.kill(os.getpid(), getattr(signal, name)) for name in signals] if call == 3 else None
+    if raises:
+        with pytest.raises(raises):
+            trainer.fit()
+    else:
+        assert trainer.fit()["step"] == 3
+    assert load_checkpoint(tmp_path / "cut" / "last.pt")["step"] == saved_step
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the handlers are put back
+    resumed, trainer = make(tmp_path / "cut", 8)
+    trainer.fit(resume=True)
+    assert method.seen[:saved_step] + resumed.seen == full.seen
+    for a, b in zip(full.net.parameters(), resumed.net.parameters()):
+        assert torch.equal(a, b)

@@ -205,23 +205,33 @@ class Trainer:
         logger = MetricLogger(self.run_dir, self.tensorboard, resume_step=self.step if resume else None) if main \
             else _NoLogger()
         bar = _progress(self.steps, self.step, self.progress and main)
-        interrupted = {"flag": False}
-        previous = signal.getsignal(signal.SIGTERM)
+        # SIGTERM (a scheduler's kill) and a first Ctrl-C stop the run after the step under way, with
+        # a checkpoint: a step cut in half (one network updated, the other not, random draws taken)
+        # would not resume exactly. A second Ctrl-C stops at once and keeps the last checkpoint.
+        asked = {"signal": None}
+        previous = {}
 
-        def on_term(signum, frame):  # a scheduler's kill: stop after the step, checkpointed
-            interrupted["flag"] = True
+        def stop_after_step(signum, frame):
+            if signum == signal.SIGINT and asked["signal"] is not None:
+                raise KeyboardInterrupt
+            asked["signal"] = signum
+            if signum == signal.SIGINT and main:
+                bar.write("Ctrl-C: finishing this step, then saving last.pt (Ctrl-C again stops at once, "
+                          "keeping the last checkpoint)")
 
-        try:
-            signal.signal(signal.SIGTERM, on_term)
-        except ValueError:  # not in the main thread
-            previous = None
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            try:
+                previous[sig] = signal.signal(sig, stop_after_step)
+            except ValueError:  # not in the main thread
+                break
+        stopping = False
         last_good = self.step
         started, window, window_steps = time.time(), {}, 0
         try:
             for batch in self._batches():
                 losses = self.method.train_step(batch)
                 # every process stops at the same step: the flag travels with the losses' means
-                losses, interrupted["flag"] = distributed.mean_over_processes(losses, interrupted["flag"])
+                losses, stopping = distributed.mean_over_processes(losses, asked["signal"] is not None)
                 bad = [k for k, v in losses.items() if not math.isfinite(float(v))]
                 if bad:
                     where = self.run_dir / "last.pt"
@@ -251,21 +261,26 @@ class Trainer:
                 if due or self.step == self.steps:
                     self.save("last.pt")
                     last_good = self.step
-                if interrupted["flag"]:
+                if stopping:
                     break
         except KeyboardInterrupt:
-            # Ctrl-C: keep the finished steps, then stop; `--resume` continues from here.
-            if self.save("last.pt") is not None:
-                bar.write(f"interrupted at step {self.step}; saved {self.run_dir / 'last.pt'} (resume with --resume)")
+            if main:
+                kept = f"{self.run_dir / 'last.pt'} (step {last_good})" if (self.run_dir / "last.pt").exists() \
+                    else "none written yet"
+                bar.write(f"stopped at once during step {self.step + 1}; last checkpoint: {kept}")
             raise
         finally:
             bar.close()
             logger.close()
-            if previous is not None:
-                signal.signal(signal.SIGTERM, previous)
-        if interrupted["flag"] and self.save("last.pt") is not None:
-            print(f"stopped by SIGTERM at step {self.step} of {self.steps}; saved {self.run_dir / 'last.pt'} "
-                  "(resume with --resume)", file=sys.stderr, flush=True)
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+        if stopping:
+            how = {signal.SIGTERM: "SIGTERM", signal.SIGINT: "Ctrl-C"}.get(asked["signal"], "another process")
+            if self.save("last.pt") is not None:
+                print(f"stopped by {how} at step {self.step} of {self.steps}; saved {self.run_dir / 'last.pt'} "
+                      "(resume with --resume)", file=sys.stderr, flush=True)
+            if asked["signal"] == signal.SIGINT and self.step < self.steps:
+                raise KeyboardInterrupt
         return {"step": self.step, "best": self.best, "run_dir": str(self.run_dir)}
 
     def _run_validation(self, logger: MetricLogger) -> None:
