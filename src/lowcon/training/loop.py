@@ -217,7 +217,7 @@ class Trainer:
             asked["signal"] = signum
             if signum == signal.SIGINT and main:
                 bar.write("Ctrl-C: finishing this step, then saving last.pt (Ctrl-C again stops at once, "
-                          "keeping the last checkpoint)")
+                          "keeping the last checkpoint)", file=sys.stderr)
 
         for sig in (signal.SIGTERM, signal.SIGINT):
             try:
@@ -267,7 +267,7 @@ class Trainer:
             if main:
                 kept = f"{self.run_dir / 'last.pt'} (step {last_good})" if (self.run_dir / "last.pt").exists() \
                     else "none written yet"
-                bar.write(f"stopped at once during step {self.step + 1}; last checkpoint: {kept}")
+                bar.write(f"stopped at once during step {self.step + 1}; last checkpoint: {kept}", file=sys.stderr)
             raise
         finally:
             bar.close()
