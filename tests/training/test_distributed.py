@@ -130,7 +130,7 @@ STEP_WORKER = """
     from lowcon import distributed
     distributed.setup(torch.device("cpu"))
     world, r = distributed.world_size(), distributed.rank()
-    method = tiny_method()
+    method = tiny_method({method!r})
     distributed.average_gradients_of(method)
     seen = record_gradients(method)
     share = {{k: v[2 * r:2 * r + 2] for k, v in batch_of_four().items()}}
@@ -141,12 +141,19 @@ STEP_WORKER = """
 """
 
 
-def tiny_method():
+def tiny_method(method: str = "cut"):
+    """A tiny CUT with batch negatives, or a tiny FastCUT whose flip-equivariance draw always
+    flips (the path where the keys come from a pass of their own)."""
     torch.manual_seed(0)
-    cfg = TranslationConfig(method="cut", data=None, load_size=20, crop_size=16, ngf=4, ndf=4, n_blocks=1,
+    extra = dict(lambda_NCE=10.0, nce_idt=False, flip_equivariance=True) if method == "fastcut" else {}
+    cfg = TranslationConfig(method=method, data=None, load_size=20, crop_size=16, ngf=4, ndf=4, n_blocks=1,
                             n_layers_D=2, nce_layers=(0, 4, 8, 12), num_patches=16, batch_size=4,
-                            nce_negatives="batch", device="cpu")
-    return build_method(cfg, steps_per_epoch=10)
+                            nce_negatives="batch", device="cpu", **extra)
+    built = build_method(cfg, steps_per_epoch=10)
+    if method == "fastcut":
+        translate = built.translate_for_training
+        built.translate_for_training = lambda real_A, real_B, flip=None: translate(real_A, real_B, flip=True)
+    return built
 
 
 def batch_of_four() -> dict:
@@ -170,9 +177,10 @@ def record_gradients(method) -> dict:
     return seen
 
 
-def test_two_processes_take_the_step_one_process_takes_with_the_whole_batch(tmp_path):
-    results = _run_processes(STEP_WORKER.format(tests=str(Path(__file__).parent)), tmp_path)
-    method = tiny_method()
+@pytest.mark.parametrize("method", ["cut", "fastcut"])
+def test_two_processes_take_the_step_one_process_takes_with_the_whole_batch(tmp_path, method):
+    results = _run_processes(STEP_WORKER.format(tests=str(Path(__file__).parent), method=method), tmp_path)
+    method = tiny_method(method)
     seen = record_gradients(method)
     losses = method.train_step(batch_of_four())
     for r in results:
