@@ -14,7 +14,8 @@ The run then behaves as one process with the whole batch:
   per GPU (official issue #67). CR's samples from other images of the batch (Table 4's r:1,
   1:r and r:r) are picked from the whole batch too, and its distances are averaged over the
   whole batch before their ratio is taken (:func:`mean_over_batch`). AECR-Net's deconvolution
-  layer takes its statistics from every process's patches;
+  layer takes its statistics from every process's patches, and CycleGAN's image pools are
+  queried with every process's fakes;
 - only process 0 writes (checkpoints, logs, samples) and validates.
 
 With one process, every function here is a no-op.

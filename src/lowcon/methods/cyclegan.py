@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from lowcon import distributed
 from lowcon.methods.cut import TranslationMethod, _to_unit, set_requires_grad
 from lowcon.models.gan_loss import GAN_MODES, GANLoss
 from lowcon.models.image_pool import ImagePool
@@ -161,11 +162,19 @@ class CycleGAN(TranslationMethod):
             set_requires_grad([self.D_A, self.D_B], True)
         return {k: float(v.detach()) for k, v in losses.items()}
 
+    @staticmethod
+    def _pooled(pool: ImagePool, fakes: Tensor) -> Tensor:
+        """``pool.query`` of the whole batch's fakes, this process's rows. In data-parallel
+        training (:mod:`lowcon.distributed`) every process queries with every process's fakes
+        and the same random draws, so each keeps the one pool a single process would."""
+        whole, start = distributed.gather_rows(fakes)
+        return pool.query(whole)[start:start + fakes.shape[0]]
+
     def discriminator_step(self, real_A: Tensor, real_B: Tensor, fake_A: Tensor, fake_B: Tensor) -> dict[str, float]:
         self.optimizers["D"].zero_grad()
         # D_A's pool first, as the official order of draws; the pools keep float32 images
-        pooled_B = self.pool_B.query(fake_B.float())
-        pooled_A = self.pool_A.query(fake_A.float())
+        pooled_B = self._pooled(self.pool_B, fake_B.float())
+        pooled_A = self._pooled(self.pool_A, fake_A.float())
         losses = self._losses(self.discriminator_losses, real_A, real_B, pooled_A, pooled_B)
         # Each D has its own loss; the sum gives each its own gradient (as two backward calls do).
         (losses["D_A"] + losses["D_B"]).backward()
