@@ -192,10 +192,7 @@ def train_dehaze(cfg: DehazeConfig, resume: bool = False, progress: bool = True)
     batch ``batch_size`` split among them (:mod:`lowcon.distributed`); process 0 writes
     the files and validates."""
     run_dir = Path(cfg.run_dir)
-    processes = distributed.launched_processes()
-    if cfg.batch_size % processes:
-        raise ValueError(f"batch_size: {cfg.batch_size} does not split evenly over {processes} processes "
-                         f"(it is the whole batch of a step)")
+    distributed.share_of(cfg.batch_size, distributed.launched_processes())  # before anything is started
     if resume and not (run_dir / "last.pt").is_file():
         raise FileNotFoundError(f"{run_dir / 'last.pt'}: nothing to resume (train without --resume first)")
     configure_allocator(cfg.heap_mmap_threshold_mb, cfg.retain_freed_memory)
@@ -227,12 +224,8 @@ def train_dehaze(cfg: DehazeConfig, resume: bool = False, progress: bool = True)
         validate=validate, best_metric="psnr", config=to_dict(cfg), tensorboard=cfg.tensorboard,
         progress=progress, sample_batch=sample,
     )
-    try:
+    with distributed.leaving():
         trainer.fit(resume=resume)
-    except BaseException:
-        distributed.leave(wait=False)
-        raise
-    distributed.leave()
     return run_dir
 
 

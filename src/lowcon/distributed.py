@@ -23,16 +23,17 @@ With one process, every function here is a no-op.
 from __future__ import annotations
 
 import os
+from contextlib import contextmanager
 from datetime import timedelta
-from typing import Any, Iterable, Union
+from typing import Any, Iterable, Iterator, Union
 
 import torch
 import torch.distributed as dist
 from torch import Tensor
 
 __all__ = ["GradientAveraging", "average_gradients", "average_gradients_of", "broadcast_state", "gather_rows",
-           "in_every_process", "is_main", "launched_processes", "leave", "mean_over_batch", "mean_over_processes",
-           "rank", "setup", "world_size"]
+           "in_every_process", "is_main", "launched_processes", "leave", "leaving", "mean_over_batch",
+           "mean_over_processes", "rank", "setup", "share_of", "world_size"]
 
 
 def world_size() -> int:
@@ -61,6 +62,15 @@ def launched_processes(environ: Union[dict, None] = None) -> int:
         return int(value)
     except ValueError:
         raise ValueError(f"WORLD_SIZE: expected a number of processes, got {value!r}") from None
+
+
+def share_of(batch_size: int, processes: int) -> int:
+    """Each process's items of a step's whole batch of `batch_size`; an error where it does not
+    split evenly."""
+    if batch_size % processes:
+        raise ValueError(f"batch_size: {batch_size} does not split evenly over {processes} processes "
+                         f"(it is the whole batch of a step, as in the official code)")
+    return batch_size // processes
 
 
 def setup(device: torch.device) -> torch.device:
@@ -97,6 +107,18 @@ def leave(wait: bool = True) -> None:
         if wait:
             dist.barrier()
         dist.destroy_process_group()
+
+
+@contextmanager
+def leaving() -> Iterator[None]:
+    """Run the block, then :func:`leave` the process group: after every process has finished it,
+    or at once when it raises (the others may never get there)."""
+    try:
+        yield
+    except BaseException:
+        leave(wait=False)
+        raise
+    leave()
 
 
 def average_gradients(params: Iterable[torch.nn.Parameter]) -> None:

@@ -470,10 +470,7 @@ def train_translation(cfg: TranslationConfig, resume: bool = False, progress: bo
         FileExistsError, CheckpointError, ValueError, FileNotFoundError: one line each.
     """
     cfg.validate()
-    processes = distributed.launched_processes()
-    if cfg.batch_size % processes:
-        raise ValueError(f"batch_size: {cfg.batch_size} does not split evenly over {processes} processes "
-                         f"(it is the whole batch of a step, as in the official code)")
+    distributed.share_of(cfg.batch_size, distributed.launched_processes())  # before anything is started
     run_dir = Path(cfg.run_dir)
     if resume:
         _check_resumable(cfg, run_dir)
@@ -533,14 +530,10 @@ def train_translation(cfg: TranslationConfig, resume: bool = False, progress: bo
         sample_every=cfg.sample_every, config=to_dict(cfg), tensorboard=cfg.tensorboard, progress=progress,
         sample_batch=_sample_batch(dataset) if cfg.sample_every and main else None,
     )
-    try:
+    with distributed.leaving():
         trainer.fit(resume=resume)
-    except BaseException:
-        distributed.leave(wait=False)
-        raise
-    if main:
-        _log_line(run_dir, f"stopped at step {trainer.step} of {steps}")
-    distributed.leave()
+        if main:
+            _log_line(run_dir, f"stopped at step {trainer.step} of {steps}")
     return run_dir
 
 

@@ -8,9 +8,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .. import distributed
 from ..contrast import ContrastiveRegularization, CRSampler
 from ..inference import run_padded
-from .. import distributed
 from .base import Method
 
 __all__ = ["AECRTraining", "cosine_schedule"]

@@ -112,8 +112,7 @@ class Trainer:
         if len(dataset) < batch_size:
             raise ValueError(f"dataset: {len(dataset)} items, fewer than one batch of {batch_size}")
         self.world, self.rank = distributed.world_size(), distributed.rank()
-        if batch_size % self.world:
-            raise ValueError(f"batch_size: {batch_size} does not split evenly over {self.world} processes")
+        self.share = distributed.share_of(batch_size, self.world)  # this process's items of each batch
         self.method = method
         self.dataset = EpochSeededDataset(dataset, seed)
         self.run_dir = Path(run_dir)
@@ -146,11 +145,10 @@ class Trainer:
             order = epoch_order(len(self.dataset), self.seed, epoch)
             keys = (order[: self.steps_per_epoch * self.batch_size] + epoch * len(self.dataset)).tolist()
             keys = keys[offset * self.batch_size:]
-            share = self.batch_size // self.world  # this process's items of each batch
-            keys = [key for i, key in enumerate(keys) if (i % self.batch_size) // share == self.rank]
+            keys = [key for i, key in enumerate(keys) if (i % self.batch_size) // self.share == self.rank]
             loader = DataLoader(
                 _Keys(self.dataset, keys),
-                batch_size=share,
+                batch_size=self.share,
                 num_workers=self.num_workers,
                 drop_last=True,
                 # Its own generator: making a loader must not draw from the global RNG, or a
@@ -250,10 +248,10 @@ class Trainer:
                     bar.set_postfix({k: f"{v:.4g}" for k, v in row.items() if k in losses})
                     window, started, window_steps = {}, time.time(), 0
                 bar.update(1)
-                if main and self.sample_every and (self.step % self.sample_every == 0 or self.step == self.steps):
+                sample_due = self.sample_every and (self.step % self.sample_every == 0 or self.step == self.steps)
+                if main and sample_due:
                     self._write_samples(batch)
-                    self._write_curves(logger.rows)
-                elif main and self.step == self.steps:
+                if main and (sample_due or self.step == self.steps):
                     self._write_curves(logger.rows)
                 if main and self.val_every and self.validate is not None and (self.step % self.val_every == 0 or self.step == self.steps):
                     self._run_validation(logger)
