@@ -19,7 +19,7 @@ from lowcon.contrast.patchnce import patch_nce_loss
 from lowcon.data.embedded import write_embedded_translation_set
 from lowcon import distributed
 from lowcon.training.checkpoint import load_checkpoint
-from lowcon.translation import TranslationConfig, build_method, train_translation
+from lowcon.translation import TranslationConfig, build_method
 
 pytestmark = [pytest.mark.filterwarnings("ignore::lowcon.translation.CollapseWarning"),
               pytest.mark.usefixtures("one_thread")]
@@ -250,15 +250,12 @@ def test_torchrun_lowcon_train_is_one_run_written_once_and_resumes(data, tmp_pat
     assert "2 processes" in (run / "train.log").read_text()
     assert sorted(p.name for p in (run / "samples").iterdir()) == ["step_0000002.png"]
 
-    # one process with the whole batch of 4 takes the same two steps
+    # one process with the whole batch of 4 takes the same two steps: the same command, in this process
+    from lowcon.cli import main
+
     one = tmp_path / "one"
-    values = dict(kv.split("=", 1) for kv in TINY)
-    cfg = TranslationConfig(method="cut", data=str(data["root"]), run_dir=str(one), max_steps=2,
-                            load_size=20, crop_size=16, ngf=4, ndf=4, n_blocks=1, n_layers_D=2,
-                            nce_layers=(0, 4, 8, 12), num_patches=16, batch_size=4, log_every=1,
-                            sample_every=int(values["sample_every"]), checkpoint_every=1, device="cpu",
-                            nce_negatives="batch")
-    train_translation(cfg, progress=False)
+    assert main(["train", "cut", "--data", str(data["root"]), "--run-dir", str(one), "--steps", "2", "--quiet",
+                 *tiny]) == 0
     rows_two, rows_one = _log_rows(run), _log_rows(one)
     assert [r["step"] for r in rows_two] == [r["step"] for r in rows_one] == ["1", "2"]
     for a, b in zip(rows_two, rows_one):
