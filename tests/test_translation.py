@@ -15,6 +15,7 @@ from lowcon.config import ConfigError, load_config, preset_path
 from lowcon.data.embedded import apply_known_transform, write_embedded_translation_set
 from lowcon.data.io import BadImageWarning, ImageReadError, read_image
 from lowcon.models.fused import fused_step
+from lowcon.models.resnet_generator import ResnetGenerator
 from lowcon.models.winograd import WinogradConv2d
 from lowcon.training.checkpoint import CheckpointError
 from lowcon.translation import (
@@ -293,6 +294,21 @@ def test_translate_keeps_sizes_reads_grey_and_rgba_and_reports_bad_files(cut_run
     assert (read_image(tmp_path / "out" / "rgb.png") - expected.clamp(0, 1)).abs().max() <= 0.5 / 255 + 1e-6
     with pytest.raises(ImageReadError, match="broken.png"):
         translate_paths([odd_inputs / "broken.png"], tmp_path / "out2", checkpoint, on_error="raise")
+
+
+def test_translate_runs_large_images_in_bands_and_writes_the_same_image(cut_run, odd_inputs, tmp_path, monkeypatch):
+    import lowcon.translation as translation
+
+    checkpoint = cut_run["dir"] / "last.pt"
+    plain = translate_paths([odd_inputs / "rgb.png"], tmp_path / "plain", checkpoint)
+    banded_calls = []
+    forward_in_bands = ResnetGenerator.forward_in_bands
+    monkeypatch.setattr(ResnetGenerator, "forward_in_bands",
+                        lambda self, x: banded_calls.append(tuple(x.shape)) or forward_in_bands(self, x, band_mb=0.001))
+    monkeypatch.setattr(translation, "BANDS_FROM_PIXELS", 31 * 45 - 1)  # rgb.png is 45 x 31
+    banded = translate_paths([odd_inputs / "rgb.png", odd_inputs / "rgba.png"], tmp_path / "banded", checkpoint)
+    assert banded_calls == [(1, 3, 31, 45)]  # rgba.png (24 x 24) is below the threshold
+    assert (read_image(banded[0]) - read_image(plain[0])).abs().max() <= 1 / 255
 
 
 def test_translate_applies_the_runs_memory_settings_on_cpu(cut_run, odd_inputs, tmp_path, monkeypatch):

@@ -623,10 +623,18 @@ def _output_names(files: Sequence[Path], out_dir: Path) -> list[Path]:
     return [out_dir / name for name in names]
 
 
+# Batches of more pixels than this go through the ResNet generator in bands of rows
+# (ResnetGenerator.forward_in_bands): the same output in less memory, and on 2 CPU cores no
+# slower from about a megapixel on (benchmarks/README.md).
+BANDS_FROM_PIXELS = 1024 * 1024
+
+
 @torch.no_grad()
 def _translate_batch(generator: nn.Module, images: list[Tensor], device: torch.device) -> Tensor:
     x = torch.stack(images).to(device) * 2 - 1
-    return ((generator(x) + 1) / 2).clamp(0, 1).cpu()
+    large = x.shape[0] * x.shape[2] * x.shape[3] > BANDS_FROM_PIXELS
+    y = generator.forward_in_bands(x) if large and isinstance(generator, ResnetGenerator) else generator(x)
+    return ((y + 1) / 2).clamp(0, 1).cpu()
 
 
 def translate_paths(

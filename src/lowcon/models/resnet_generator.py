@@ -27,6 +27,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
+from lowcon.models.banded import run_in_bands
 from lowcon.models.blur import Downsample, Upsample
 from lowcon.models.feature_generator import FeatureGenerator
 from lowcon.models.fused import FusedSpec, InstanceNorm2d, ReflectPad, fusing, layer_steps, norm_act_conv
@@ -93,6 +94,11 @@ class ResnetBlock(nn.Module):
             pad = ReflectPad(pad.padding[0])  # the same padding, with a faster backward on the CPU
             return x + norm2(norm_act_conv(conv1(pad(x)), conv2, FusedSpec(norm1.eps, pre=pad)))
         return x + self.conv_block(x)
+
+    def forward_in_bands(self, x: Tensor, band_bytes: int) -> Tensor:
+        """``forward(x)`` without gradients, its padding and convolutions in bands of rows
+        (:func:`lowcon.models.banded.run_in_bands`)."""
+        return run_in_bands(self.conv_block, x, band_bytes).add_(x)
 
 
 class ResnetGenerator(FeatureGenerator):
@@ -189,6 +195,18 @@ class ResnetGenerator(FeatureGenerator):
         model += [nn.ReflectionPad2d(3), nn.Conv2d(channels, out_channels, 7), nn.Tanh()]
         self.model = nn.Sequential(*model)
         self.nce_layers = self._check_layers(nce_layers)
+
+    @torch.no_grad()
+    def forward_in_bands(self, x: Tensor, band_mb: float = 64.0) -> Tensor:
+        """``forward(x)`` for large images, without gradients: every norm still sees the whole
+        map, but the padding, convolutions and resampling between two norms run in bands of rows
+        of about `band_mb` MB (:mod:`lowcon.models.banded`). The output equals ``forward(x)`` up
+        to float rounding; a 12-megapixel photo fits in a few GB instead of more than 24."""
+        if not band_mb > 0:
+            raise ValueError(f"band_mb must be > 0, got {band_mb!r}")
+        self._check_input(x)
+        height, width = x.shape[-2:]
+        return run_in_bands(self.model, self._pad(x), int(band_mb * 2 ** 20))[..., :height, :width]
 
     def _feature_layers(self) -> nn.Sequential:
         return self.model
