@@ -213,86 +213,147 @@ def cmd_presets(args) -> int:
     return 0
 
 
+class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Examples kept as written, and each option's default after its help where it has one."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        default = action.default
+        if not action.option_strings or default is None or default is False or default == argparse.SUPPRESS:
+            return action.help or ""
+        shown = " ".join(map(str, default)) if isinstance(default, list) else str(default)
+        return f"{action.help} (default: {shown.replace('%', '%%')})"
+
+
+def _command(sub, name: str, summary: str, examples: str, parents) -> argparse.ArgumentParser:
+    """A subcommand whose ``--help`` starts with `summary` and ends with `examples`."""
+    return sub.add_parser(name, help=summary, description=summary[0].upper() + summary[1:] + ".",
+                          epilog="examples:\n" + examples, formatter_class=_HelpFormatter, parents=parents)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="lowcon", description="Contrastive learning for low-level vision.")
+    p = argparse.ArgumentParser(prog="lowcon", description="Contrastive learning for low-level vision.",
+                                epilog="`lowcon COMMAND --help` explains each command, with examples.")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     # also after the command (`lowcon train cut --quiet`); unset there, it keeps the value above
     quiet = argparse.ArgumentParser(add_help=False)
     quiet.add_argument("--quiet", action="store_true", default=argparse.SUPPRESS, help="no progress bars")
     sub = p.add_subparsers(dest="command", required=True)
 
-    t = sub.add_parser("train", help="train a preset or config file (see `lowcon presets`)", parents=[quiet])
-    t.add_argument("config", help="preset name (aecrnet, cut, ...) or a YAML file")
+    t = _command(sub, "train", "train a preset or config file (see `lowcon presets`)", """\
+  lowcon train aecrnet --data datasets/RESIDE/ITS --set batch_size=8
+  lowcon train cut --set dir_a=photos/cats --set dir_b=photos/dogs --run-dir runs/c2d
+  lowcon train cut --run-dir runs/c2d --resume
+  torchrun --nproc_per_node 4 -m lowcon train cut --data datasets/horse2zebra --set batch_size=4
+""", [quiet])
+    t.add_argument("config", help="preset name (aecrnet, cut, fastcut, sincut, cyclegan, ...) or a YAML file")
     t.add_argument("--data", help="data folder (overrides the config's `data`)")
-    t.add_argument("--run-dir", dest="run_dir")
-    t.add_argument("--steps", type=int)
-    t.add_argument("--device")
-    t.add_argument("--set", action="append", metavar="KEY=VALUE", help="override any config key")
-    t.add_argument("--resume", action="store_true", help="continue the run in run_dir from last.pt")
+    t.add_argument("--run-dir", dest="run_dir", help="run folder for checkpoints, logs and samples "
+                                                     "(overrides the config's `run_dir`)")
+    t.add_argument("--steps", type=int, help="stop after this many optimisation steps; the learning-rate "
+                                             "schedule still follows the config's epochs")
+    t.add_argument("--device", help="cpu, cuda, cuda:N or auto (overrides the config's `device`)")
+    t.add_argument("--set", action="append", metavar="KEY=VALUE", help="override any config key (repeatable)")
+    t.add_argument("--resume", action="store_true",
+                   help="continue the run in the run folder from its last.pt, with its own config.yaml")
     t.set_defaults(func=cmd_train)
 
-    e = sub.add_parser("eval", help="PSNR/SSIM of dehazers on pairs, or FID/KID of a translation run", parents=[quiet])
-    e.add_argument("--data", help="folder with hazy/ and clear/")
-    e.add_argument("--model", nargs="+", default=["shipped"], help="shipped | dcp | hazy | checkpoint path(s)")
-    e.add_argument("--layout", default="auto", choices=["auto", "reside", "same-name"])
-    e.add_argument("--ids", help="file of scene IDs to score, one per line (e.g. a run's val_ids.txt)")
-    e.add_argument("--protocol", default="ffa", help="ffa (default), skimage, y, dehazeformer")
-    e.add_argument("--out", help="folder for per-image CSVs and summary.md")
-    e.add_argument("--tile", type=int, default=0)
-    e.add_argument("--device", default="cpu")
-    e.add_argument("--run", help="translation run folder (FID/KID over its saved epochs)")
-    e.add_argument("--real", help="target-domain images (e.g. testB)")
-    e.add_argument("--test", help="source images to translate (e.g. testA)")
-    e.add_argument("--inception-weights", dest="inception_weights")
-    e.add_argument("--download-inception", dest="download_inception", action="store_true",
-                   help="with no local Inception file, download torch-fidelity's into its cache (needs internet)")
+    e = _command(sub, "eval", "PSNR/SSIM of dehazers on paired images, or FID/KID of a translation run", """\
+  lowcon eval --data ../shared/data/dehaze/nh-haze-test --model hazy dcp shipped --out scores/
+  lowcon eval --data datasets/SOTS/outdoor --model runs/aecrnet/best.pt --protocol ffa
+  lowcon eval --run runs/h2z --real datasets/horse2zebra/testB --test datasets/horse2zebra/testA \\
+      --inception-weights pt_inception-2015-12-05-6726825d.pth
+""", [quiet])
+    dehazing = e.add_argument_group("dehazing (PSNR/SSIM)")
+    dehazing.add_argument("--data", help="folder with hazy/ and clear/")
+    dehazing.add_argument("--model", nargs="+", default=["shipped"],
+                          help="what to score: shipped, dcp, hazy (the input itself) or checkpoint paths")
+    dehazing.add_argument("--layout", default="auto", choices=["auto", "reside", "same-name"],
+                          help="how hazy files find their clear image: RESIDE's ID_A_BETA names or the same name")
+    dehazing.add_argument("--ids", help="file of scene IDs to score, one per line (e.g. a run's val_ids.txt)")
+    dehazing.add_argument("--protocol", default="ffa",
+                          help="ffa, skimage, y or dehazeformer: how PSNR and SSIM are computed (README)")
+    dehazing.add_argument("--out", help="folder for per-image CSVs and summary.md")
+    dehazing.add_argument("--tile", type=int, default=0, help="dehaze in overlapping tiles of this side (0: whole images)")
+    e.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto")
+    translation = e.add_argument_group("translation (FID/KID over a run's saved epochs)")
+    translation.add_argument("--run", help="translation run folder")
+    translation.add_argument("--real", help="target-domain images (e.g. testB)")
+    translation.add_argument("--test", help="source images to translate (e.g. testA)")
+    translation.add_argument("--inception-weights", dest="inception_weights",
+                             help="local file of torch-fidelity's Inception weights (pt_inception-2015-12-05)")
+    translation.add_argument("--download-inception", dest="download_inception", action="store_true",
+                             help="with no local Inception file, download torch-fidelity's into its cache "
+                                  "(needs internet)")
     e.set_defaults(func=cmd_eval)
 
-    d = sub.add_parser("dehaze", help="dehaze image files and folders", parents=[quiet])
-    d.add_argument("inputs", nargs="+")
-    d.add_argument("-o", "--output", required=True)
-    d.add_argument("--model", default="shipped", help="shipped (default) or a checkpoint path")
-    d.add_argument("--method", default="aecrnet", choices=["aecrnet", "dcp"])
-    d.add_argument("--device", default="cpu", help="cpu, cuda, auto")
-    d.add_argument("--batch-size", type=int, default=1, dest="batch_size")
-    d.add_argument("--tile", type=int, default=0, help="tile side for huge images (0 = automatic)")
-    d.add_argument("--on-error", default="skip", choices=["skip", "raise"], dest="on_error")
+    d = _command(sub, "dehaze", "dehaze image files and folders (any size), writing PNGs", """\
+  lowcon dehaze photo.jpg hazy_folder/ -o dehazed/
+  lowcon dehaze photo.jpg -o dehazed/ --method dcp
+  lowcon dehaze hazy_folder/ -o dehazed/ --model runs/aecrnet/best.pt --device cuda
+""", [quiet])
+    d.add_argument("inputs", nargs="+", help="image files and folders")
+    d.add_argument("-o", "--output", required=True, help="output folder (one PNG per input)")
+    d.add_argument("--model", default="shipped", help="shipped or a checkpoint path")
+    d.add_argument("--method", default="aecrnet", choices=["aecrnet", "dcp"],
+                   help="aecrnet (the --model network) or dcp (the Dark Channel Prior)")
+    d.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto")
+    d.add_argument("--batch-size", type=int, default=1, dest="batch_size", help="images of one size per batch")
+    d.add_argument("--tile", type=int, default=0,
+                   help="overlapping tiles of this side (0: tiles of 1024 above 4 megapixels only)")
+    d.add_argument("--on-error", default="skip", choices=["skip", "raise"], dest="on_error",
+                   help="an unreadable image: report it in one line and go on, or stop")
     d.set_defaults(func=cmd_dehaze)
 
-    tr = sub.add_parser("translate", parents=[quiet],
-                        help="translate image files and folders with a CUT/FastCUT/CycleGAN checkpoint")
-    tr.add_argument("inputs", nargs="+")
-    tr.add_argument("-o", "--output", required=True)
-    tr.add_argument("--checkpoint", required=True)
-    tr.add_argument("--direction", default="AtoB", choices=["AtoB", "BtoA"])
-    tr.add_argument("--device", default="cpu")
-    tr.add_argument("--batch-size", type=int, default=1, dest="batch_size")
-    tr.add_argument("--on-error", default="skip", choices=["skip", "raise"], dest="on_error")
+    tr = _command(sub, "translate", "translate image files and folders with a CUT, FastCUT, SinCUT or CycleGAN "
+                                    "checkpoint, writing PNGs at the inputs' sizes", """\
+  lowcon translate photos/ -o out/ --checkpoint runs/cut/last.pt
+  lowcon translate zebra.jpg -o out/ --checkpoint runs/cyclegan --direction BtoA
+  lowcon translate testA/ -o out/ --checkpoint runs/cut/epochs/epoch_200.pt --batch-size 4 --device cuda
+""", [quiet])
+    tr.add_argument("inputs", nargs="+", help="image files and folders (any size; grey and RGBA are read as RGB)")
+    tr.add_argument("-o", "--output", required=True, help="output folder (one PNG per input)")
+    tr.add_argument("--checkpoint", required=True, help="a run's last.pt or epochs/epoch_XXX.pt, or a run folder")
+    tr.add_argument("--direction", default="AtoB", choices=["AtoB", "BtoA"],
+                    help="BtoA: CycleGAN's reverse generator")
+    tr.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto")
+    tr.add_argument("--batch-size", type=int, default=1, dest="batch_size", help="images of one size per batch")
+    tr.add_argument("--on-error", default="skip", choices=["skip", "raise"], dest="on_error",
+                    help="an unreadable image: report it in one line and go on, or stop")
     tr.set_defaults(func=cmd_translate)
 
-    s = sub.add_parser("synth-haze", help="make a paired hazy/clear set from clear images", parents=[quiet])
-    s.add_argument("clear_dir")
-    s.add_argument("-o", "--output", required=True)
-    s.add_argument("--setting", default="ots", choices=["ots", "its"])
-    s.add_argument("--per-image", type=int, default=1, dest="per_image")
+    s = _command(sub, "synth-haze", "make a paired hazy/clear set from clear images (atmospheric scattering model)",
+                 """\
+  lowcon synth-haze clear_photos/ -o my_set --setting ots --per-image 3
+  lowcon synth-haze nyu/rgb/ -o my_its --setting its --depth nyu/depth/
+""", [quiet])
+    s.add_argument("clear_dir", help="folder of clear images")
+    s.add_argument("-o", "--output", required=True, help="output folder: writes hazy/ and clear/ in RESIDE's naming")
+    s.add_argument("--setting", default="ots", choices=["ots", "its"],
+                   help="RESIDE's ranges of airlight A and scattering beta: outdoor (ots) or indoor (its)")
+    s.add_argument("--per-image", type=int, default=1, dest="per_image", help="hazy versions of each clear image")
     s.add_argument("--depth", help="folder of depth maps (.npy or 16-bit PNG, same stem)")
     s.add_argument("--disparity", help="folder of disparity maps (same stem)")
-    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--seed", type=int, default=0, help="each image's draws depend on this seed and its name only")
     s.set_defaults(func=cmd_synth_haze)
 
-    m = sub.add_parser("demo", parents=[quiet],
-                       help="the embedded-data demos: dehaze (AECR-Net + CR) or translate (CUT/FastCUT)")
-    m.add_argument("task", nargs="?", default="dehaze", choices=["dehaze", "translate"])
-    m.add_argument("--out")
-    m.add_argument("--minutes", type=float, default=3.0)
+    m = _command(sub, "demo", "the embedded-data demos: dehaze (AECR-Net + CR) or translate (CUT and FastCUT)",
+                 """\
+  lowcon demo                      # what `make demo` runs
+  lowcon demo translate --minutes 10
+""", [quiet])
+    m.add_argument("task", nargs="?", default="dehaze", choices=["dehaze", "translate"], help="which demo")
+    m.add_argument("--out", help="report folder (default: runs/demo-dehaze or runs/demo-translate)")
+    m.add_argument("--minutes", type=float, default=3.0, help="training time, about")
     m.set_defaults(func=cmd_demo)
 
-    x = sub.add_parser("export", help="strip a run checkpoint to weights + config for inference", parents=[quiet])
-    x.add_argument("checkpoint")
-    x.add_argument("-o", "--output", required=True)
+    x = _command(sub, "export", "strip a run checkpoint to weights + config for inference", """\
+  lowcon export runs/aecrnet/best.pt -o aecrnet_weights.pt
+""", [quiet])
+    x.add_argument("checkpoint", help="a run's checkpoint (last.pt, best.pt, epochs/...)")
+    x.add_argument("-o", "--output", required=True, help="file to write")
     x.set_defaults(func=cmd_export)
 
-    pr = sub.add_parser("presets", help="list the shipped config presets", parents=[quiet])
+    pr = _command(sub, "presets", "list the shipped config presets", "  lowcon presets\n", [quiet])
     pr.set_defaults(func=cmd_presets)
     return p
 
