@@ -311,6 +311,16 @@ def test_translate_runs_large_images_in_bands_and_writes_the_same_image(cut_run,
     assert (read_image(banded[0]) - read_image(plain[0])).abs().max() <= 1 / 255
 
 
+def test_translate_shows_a_bar_over_the_images_unless_told_not_to(cut_run, odd_inputs, tmp_path, capsys):
+    checkpoint = cut_run["dir"] / "last.pt"
+    images = [odd_inputs / "rgb.png", odd_inputs / "rgba.png"]
+    translate_paths(images, tmp_path / "quiet", checkpoint)
+    assert "translate" not in capsys.readouterr().err
+    translate_paths(images, tmp_path / "shown", checkpoint, progress=True)
+    shown = capsys.readouterr().err
+    assert "translate: 100%" in shown and "2/2" in shown
+
+
 def test_translate_applies_the_runs_memory_settings_on_cpu(cut_run, odd_inputs, tmp_path, monkeypatch):
     import lowcon.translation as translation
 

@@ -164,7 +164,8 @@ def cmd_translate(args) -> int:
 
     _restart(args, malloc_tcache=True, brief_openmp_spin=True)
     written = translate_paths(args.inputs, args.output, args.checkpoint, device=args.device,
-                              batch_size=args.batch_size, direction=args.direction, on_error=args.on_error)
+                              batch_size=args.batch_size, direction=args.direction, on_error=args.on_error,
+                              progress=not args.quiet)
     _check_written(written, args.inputs)
     print(f"wrote {len(written)} image(s) to {args.output}")
     return 0

@@ -647,6 +647,7 @@ def translate_paths(
     on_error: str = "skip",
     *,
     method: Optional[str] = None,
+    progress: bool = False,
 ) -> list[Path]:
     """Translate image files and folders with a trained generator; write ``out_dir/<stem>.png``.
 
@@ -655,7 +656,10 @@ def translate_paths(
     atomically; an unreadable or too small (< 5 px) file is reported in one line and skipped
     (``on_error="skip"``) or raised (``"raise"``). On the CPU the checkpoint's memory settings
     (``retain_freed_memory``, ``heap_mmap_threshold_mb``) apply to this process, as in training:
-    by default freed memory is kept for the next image instead of being faulted in again.
+    by default freed memory is kept for the next image instead of being faulted in again. Batches
+    of more than ``BANDS_FROM_PIXELS`` pixels run through the ResNet generator in bands of rows
+    (``ResnetGenerator.forward_in_bands``: the same output in less memory). `progress` shows a
+    bar over the images.
 
     Returns:
         the written paths, in input order.
@@ -686,7 +690,9 @@ def translate_paths(
                 written.append(write_image(target, image))
             pending.clear()
 
-    for path, target in zip(files, outputs):
+    from tqdm.auto import tqdm
+
+    for path, target in tqdm(list(zip(files, outputs)), disable=not progress, desc="translate", unit="img"):
         try:
             image = read_image(path, min_size=5)  # the generator needs 5 px per side
         except ImageReadError as err:
