@@ -8,7 +8,7 @@ from PIL import Image
 from lowcon.cli import main
 from lowcon.config import from_dict
 from lowcon.data.embedded import write_embedded_dehaze_set
-from lowcon.data.io import read_image
+from lowcon.data.io import BadImageWarning, read_image
 from lowcon.dehazing import DehazeConfig, build_dehaze_method, dehaze_paths, load_dehazer, train_dehaze
 from lowcon.training import load_checkpoint
 
@@ -111,8 +111,9 @@ def test_dehaze_any_size_corrupt_and_dcp(embedded, tmp_path):
     Image.new("RGB", (45, 31), (120, 130, 140)).save(src / "odd.jpg")
     Image.new("L", (20, 18), 90).save(src / "grey.png")
     (src / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"\x00" * 20)
-    with pytest.warns(UserWarning, match="broken.png"):
+    with pytest.warns(BadImageWarning, match="skipping image: .*broken.png") as caught:
         written = dehaze_paths([str(src)], tmp_path / "out", source="dcp", progress=False)
+    assert ["\n" in str(w.message) for w in caught] == [False]  # one warning, of one line
     sizes = {p.stem: read_image(p).shape for p in written}
     assert sizes == {"odd": (3, 31, 45), "grey": (3, 18, 20)}
     with pytest.raises(Exception, match="broken.png"):

@@ -539,13 +539,18 @@ def test_cli_bad_paths_are_one_line_errors(cut_run, data, tmp_path, capsys):
     bad.mkdir()
     (bad / "a.png").write_text("not an image")
     # as a user runs it (a process of its own, where Python prints warnings): the skipped file's
-    # warning in one line, then the error
-    done = subprocess.run([sys.executable, "-m", "lowcon", "translate", str(bad), "-o", str(tmp_path / "out"),
-                           "--checkpoint", str(cut_run["dir"] / "last.pt")], capture_output=True, text=True)
-    assert done.returncode == 2 and done.stderr.splitlines() == [
-        f"lowcon: warning: skipping image: {bad / 'a.png'}: cannot identify image file",
-        f"lowcon: error: {bad}: no image written: no readable image among the inputs "
-        "(each skipped file was named above)"]
+    # warning in one line, then the error; with the progress bar, each on a line of its own
+    expected = [f"lowcon: warning: skipping image: {bad / 'a.png'}: cannot identify image file",
+                f"lowcon: error: {bad}: no image written: no readable image among the inputs "
+                "(each skipped file was named above)"]
+    command = [sys.executable, "-m", "lowcon", "translate", str(bad), "-o", str(tmp_path / "out"),
+               "--checkpoint", str(cut_run["dir"] / "last.pt")]
+    done = subprocess.run(command + ["--quiet"], capture_output=True, text=True)
+    assert done.returncode == 2 and done.stderr.splitlines() == expected
+    done = subprocess.run(command, capture_output=True, text=True)
+    lines = done.stderr.splitlines()  # the bar redraws itself after carriage returns, which split lines too
+    assert done.returncode == 2 and [line for line in lines if "lowcon:" in line] == expected
+    assert any(line.startswith("translate:") for line in lines)
     assert not (tmp_path / "out").exists()
     # a run folder stands for its last.pt
     code, out, err = _cli(capsys, "translate", data["testA"], "-o", tmp_path / "out2", "--checkpoint", cut_run["dir"])

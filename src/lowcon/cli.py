@@ -369,6 +369,14 @@ def _one_line_warning(message, category, filename, lineno, line=None) -> str:
 _python_format_warning = warnings.formatwarning
 
 
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    """A warning on lines of its own while a progress bar is drawn (tqdm clears the bar first)."""
+    from tqdm import tqdm
+
+    text = warnings.formatwarning(message, category, filename, lineno, line)
+    tqdm.write(text.rstrip("\n"), file=file or sys.stderr)
+
+
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     # Only a real command line may be started again (lowcon.training.memory); not a caller's process.
@@ -378,6 +386,7 @@ def main(argv=None) -> int:
     from .training import CheckpointError, TrainingDiverged
 
     previous_format, warnings.formatwarning = warnings.formatwarning, _one_line_warning
+    previous_show, warnings.showwarning = warnings.showwarning, _show_warning
     try:
         return args.func(args)
     except (ConfigError, CheckpointError, WeightsNotFoundError, TrainingDiverged, ValueError, OSError,
@@ -388,7 +397,7 @@ def main(argv=None) -> int:
         print("lowcon: interrupted", file=sys.stderr)
         return 130
     finally:
-        warnings.formatwarning = previous_format
+        warnings.formatwarning, warnings.showwarning = previous_format, previous_show
 
 
 if __name__ == "__main__":

@@ -4,7 +4,6 @@ from __future__ import annotations
 import csv
 import dataclasses
 import time
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal, Optional, Sequence
@@ -17,7 +16,7 @@ from . import distributed
 from .baselines.dcp import DarkChannelPrior
 from .config import first_line, save_config, to_dict
 from .contrast import ContrastiveRegularization, CRSampler, VGG19Features
-from .data.io import ImageReadError, list_images, read_image, write_image
+from .data.io import ImageReadError, list_images, read_image, report_bad_image, write_image
 from .data.paired import HazyFolder, PairedDehazeDataset, scene_ids, split_ids
 from .inference import auto_device, run_padded, run_tiled
 from .methods.aecr import AECRTraining
@@ -357,9 +356,7 @@ def dehaze_paths(
         try:
             img = read_image(src, min_size=4)
         except ImageReadError as err:
-            if on_error == "raise":
-                raise
-            warnings.warn(str(err))
+            report_bad_image(err, on_error)  # one line naming the file, or stop
             continue
         if pending and (pending[0][1].shape != img.shape or len(pending) >= batch_size):
             flush()
