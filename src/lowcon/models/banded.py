@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lowcon.models.blur import Downsample, Upsample
+from lowcon.models.fused import instance_norm_
 from lowcon.models.winograd import NNPACKConv2d, WinogradConv2d, conv_forward
 
 __all__ = ["run_in_bands"]
@@ -203,8 +204,7 @@ def _whole(source: _Rows, band_bytes: int) -> Tensor:
 def _on_whole_map(layer: nn.Module, x: Tensor, owned: bool, band_bytes: int) -> Tensor:
     """`layer` on the whole map `x`; in place where `x` is this pass's own (`owned`)."""
     if isinstance(layer, nn.InstanceNorm2d) and not layer.affine and not layer.track_running_stats:
-        var, mean = torch.var_mean(x, dim=(2, 3), keepdim=True, correction=0)
-        return (x if owned else x.clone()).sub_(mean).mul_(var.add_(layer.eps).rsqrt_())
+        return instance_norm_(x if owned else x.clone(), layer.eps)[0]
     if isinstance(layer, nn.ReLU):
         return x.relu_() if owned else x.relu()
     if isinstance(layer, nn.Tanh):

@@ -141,10 +141,23 @@ def instance_norm_with_stats(h: Tensor, eps: float) -> tuple[Tensor, Tensor, Ten
     variance element by element) at the generator's sizes; the same values to float32's rounding
     (``benchmarks/bench_layer_ops.py``)."""
     mean = h.mean(dim=(2, 3), keepdim=True)
-    normed = h - mean
-    var = torch.linalg.vector_norm(normed, dim=(2, 3), keepdim=True).square_().div_(h.shape[2] * h.shape[3])
+    return _scale_centred_(h - mean, mean, eps)
+
+
+def instance_norm_(h: Tensor, eps: float) -> tuple[Tensor, Tensor, Tensor]:
+    """:func:`instance_norm_with_stats` in place: `h` itself becomes the normalised map (for
+    passes without gradients that cannot afford a second map of its size)."""
+    mean = h.mean(dim=(2, 3), keepdim=True)
+    return _scale_centred_(h.sub_(mean), mean, eps)
+
+
+def _scale_centred_(centred: Tensor, mean: Tensor, eps: float) -> tuple[Tensor, Tensor, Tensor]:
+    """`centred` divided in place by its standard deviation per image and channel; with the
+    flat mean and 1/std."""
+    hw = centred.shape[2] * centred.shape[3]
+    var = torch.linalg.vector_norm(centred, dim=(2, 3), keepdim=True).square_().div_(hw)
     invstd = var.add_(eps).rsqrt_()
-    return normed.mul_(invstd), mean.view(-1), invstd.view(-1)
+    return centred.mul_(invstd), mean.view(-1), invstd.view(-1)
 
 
 def _instance_norm_backward(grad: Tensor, h: Tensor, mean: Tensor, invstd: Tensor, eps: float) -> Tensor:
