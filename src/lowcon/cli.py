@@ -214,6 +214,9 @@ def cmd_presets(args) -> int:
     return 0
 
 
+_DEVICE_HELP = "cpu, cuda, cuda:N or auto"
+
+
 class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
     """Examples kept as written, and each option's default after its help where it has one."""
 
@@ -238,6 +241,13 @@ def build_parser() -> argparse.ArgumentParser:
     # also after the command (`lowcon train cut --quiet`); unset there, it keeps the value above
     quiet = argparse.ArgumentParser(add_help=False)
     quiet.add_argument("--quiet", action="store_true", default=argparse.SUPPRESS, help="no progress bars")
+    # what dehaze and translate share: image files in, one PNG each out
+    images = argparse.ArgumentParser(add_help=False)
+    images.add_argument("-o", "--output", required=True, help="output folder (one PNG per input)")
+    images.add_argument("--device", default="cpu", help=_DEVICE_HELP)
+    images.add_argument("--batch-size", type=int, default=1, dest="batch_size", help="images of one size per batch")
+    images.add_argument("--on-error", default="skip", choices=["skip", "raise"], dest="on_error",
+                        help="an unreadable image: report it in one line and go on, or stop")
     sub = p.add_subparsers(dest="command", required=True)
 
     t = _command(sub, "train", "train a preset or config file (see `lowcon presets`)", """\
@@ -252,7 +262,7 @@ def build_parser() -> argparse.ArgumentParser:
                                                      "(overrides the config's `run_dir`)")
     t.add_argument("--steps", type=int, help="stop after this many optimisation steps; the learning-rate "
                                              "schedule still follows the config's epochs")
-    t.add_argument("--device", help="cpu, cuda, cuda:N or auto (overrides the config's `device`)")
+    t.add_argument("--device", help=f"{_DEVICE_HELP} (overrides the config's `device`)")
     t.add_argument("--set", action="append", metavar="KEY=VALUE", help="override any config key (repeatable)")
     t.add_argument("--resume", action="store_true",
                    help="continue the run in the run folder from its last.pt, with its own config.yaml")
@@ -275,7 +285,7 @@ def build_parser() -> argparse.ArgumentParser:
                           help="ffa, skimage, y or dehazeformer: how PSNR and SSIM are computed (README)")
     dehazing.add_argument("--out", help="folder for per-image CSVs and summary.md")
     dehazing.add_argument("--tile", type=int, default=0, help="dehaze in overlapping tiles of this side (0: whole images)")
-    e.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto")
+    e.add_argument("--device", default="cpu", help=_DEVICE_HELP)
     translation = e.add_argument_group("translation (FID/KID over a run's saved epochs)")
     translation.add_argument("--run", help="translation run folder")
     translation.add_argument("--real", help="target-domain images (e.g. testB)")
@@ -291,18 +301,13 @@ def build_parser() -> argparse.ArgumentParser:
   lowcon dehaze photo.jpg hazy_folder/ -o dehazed/
   lowcon dehaze photo.jpg -o dehazed/ --method dcp
   lowcon dehaze hazy_folder/ -o dehazed/ --model runs/aecrnet/best.pt --device cuda
-""", [quiet])
+""", [quiet, images])
     d.add_argument("inputs", nargs="+", help="image files and folders")
-    d.add_argument("-o", "--output", required=True, help="output folder (one PNG per input)")
     d.add_argument("--model", default="shipped", help="shipped or a checkpoint path")
     d.add_argument("--method", default="aecrnet", choices=["aecrnet", "dcp"],
                    help="aecrnet (the --model network) or dcp (the Dark Channel Prior)")
-    d.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto")
-    d.add_argument("--batch-size", type=int, default=1, dest="batch_size", help="images of one size per batch")
     d.add_argument("--tile", type=int, default=0,
                    help="overlapping tiles of this side (0: tiles of 1024 above 4 megapixels only)")
-    d.add_argument("--on-error", default="skip", choices=["skip", "raise"], dest="on_error",
-                   help="an unreadable image: report it in one line and go on, or stop")
     d.set_defaults(func=cmd_dehaze)
 
     tr = _command(sub, "translate", "translate image files and folders with a CUT, FastCUT, SinCUT or CycleGAN "
@@ -310,16 +315,11 @@ def build_parser() -> argparse.ArgumentParser:
   lowcon translate photos/ -o out/ --checkpoint runs/cut/last.pt
   lowcon translate zebra.jpg -o out/ --checkpoint runs/cyclegan --direction BtoA
   lowcon translate testA/ -o out/ --checkpoint runs/cut/epochs/epoch_200.pt --batch-size 4 --device cuda
-""", [quiet])
+""", [quiet, images])
     tr.add_argument("inputs", nargs="+", help="image files and folders (any size; grey and RGBA are read as RGB)")
-    tr.add_argument("-o", "--output", required=True, help="output folder (one PNG per input)")
     tr.add_argument("--checkpoint", required=True, help="a run's last.pt or epochs/epoch_XXX.pt, or a run folder")
     tr.add_argument("--direction", default="AtoB", choices=["AtoB", "BtoA"],
                     help="BtoA: CycleGAN's reverse generator")
-    tr.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto")
-    tr.add_argument("--batch-size", type=int, default=1, dest="batch_size", help="images of one size per batch")
-    tr.add_argument("--on-error", default="skip", choices=["skip", "raise"], dest="on_error",
-                    help="an unreadable image: report it in one line and go on, or stop")
     tr.set_defaults(func=cmd_translate)
 
     s = _command(sub, "synth-haze", "make a paired hazy/clear set from clear images (atmospheric scattering model)",
