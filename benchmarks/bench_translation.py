@@ -1,7 +1,7 @@
 """Speed and memory of one training step of CUT, FastCUT and CycleGAN: lowcon, optionally official.
 
     python benchmarks/bench_translation.py [--official DIR] [--repeats N] [--warmup N] \
-        [--device cuda] [--bf16] [--out benchmarks/results/translation.json]
+        [--device cuda] [--bf16 [--paired --also-fp32]] [--out benchmarks/results/translation.json]
 
 One step = everything ``train_step`` (lowcon) or ``set_input`` + ``optimize_parameters``
 (official) does for one batch of random 256x256 images, batch 1, with the presets'
@@ -9,7 +9,10 @@ networks (9-block ResNet generator, 3-layer PatchGAN, PatchNCE head of width 256
 for CUT / FastCUT). Each case runs in a fresh process (see ``common.py``), 2 torch threads.
 With ``--device cuda`` both sides run on the GPU (the official code with ``--gpu_ids 0``), each
 step waits for the GPU, and the report adds the GPU's peak allocated memory; ``--bf16`` runs
-lowcon with ``bf16: true``; targets and ordering then use the GPU's peak memory.
+lowcon with ``bf16: true``; targets and ordering then use the GPU's peak memory. ``--paired
+--bf16 --also-fp32`` steps three processes per method in turn (lowcon with bf16, lowcon in
+float32, official) and reports bf16 against float32 round by round, and the 0.5x target of the
+fastest settings.
 
 ``--official DIR`` is a checkout of github.com/taesungp/contrastive-unpaired-translation. Its
 models are built in-process from its own option parser (``--gpu_ids -1``) and driven as its
@@ -193,13 +196,19 @@ def main(argv: Optional[list[str]] = None) -> dict:
     p.add_argument("--device", default="cpu",
                    help="cpu, or cuda / cuda:N for both sides (the official code then runs with --gpu_ids N)")
     p.add_argument("--bf16", action="store_true",
-                   help="lowcon with bf16: true (bfloat16 autocast; for a GPU or a CPU with native bf16)")
+                   help="lowcon with bf16: true (on a CPU its bf16 convolutions, on a GPU bfloat16 autocast; "
+                        "for a GPU or a CPU with native bf16)")
+    p.add_argument("--also-fp32", action="store_true",
+                   help="with --bf16 and --paired: a third process per method, lowcon in float32, stepped in "
+                        "the same rounds, so that the report compares bf16 with float32 round by round")
     p.add_argument("--out", default=str(HERE / "results" / "translation.json"))
     args = p.parse_args(argv)
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     unknown = [m for m in methods if m not in METHODS]
     if unknown:
         p.error(f"--methods: unknown {unknown}; valid: {', '.join(METHODS)}")
+    if args.also_fp32 and not (args.bf16 and args.paired):
+        p.error("--also-fp32 needs --bf16 and --paired")
     common = dict(size=args.size, batch=args.batch, repeats=args.repeats, warmup=args.warmup)
 
     def log(text: str) -> None:
@@ -207,13 +216,14 @@ def main(argv: Optional[list[str]] = None) -> dict:
 
     specs = []  # lowcon and official side by side, so that both see the same machine load
     for m in methods:
-        specs.append((f"lowcon/{m}", "train_lowcon",
-                      dict(method=m, activation_checkpointing=True if args.activation_checkpointing else None,
-                           heap_mmap_threshold_mb=args.heap_mmap_threshold_mb,
-                           retain_freed_memory=not (args.no_retain_freed_memory or args.heap_mmap_threshold_mb),
-                           winograd=not args.no_winograd, malloc_tcache=args.malloc_tcache,
-                           nnpack=not args.no_nnpack,
-                           device=args.device, bf16=args.bf16, **common), 1800, False))
+        lowcon = dict(method=m, activation_checkpointing=True if args.activation_checkpointing else None,
+                      heap_mmap_threshold_mb=args.heap_mmap_threshold_mb,
+                      retain_freed_memory=not (args.no_retain_freed_memory or args.heap_mmap_threshold_mb),
+                      winograd=not args.no_winograd, malloc_tcache=args.malloc_tcache,
+                      nnpack=not args.no_nnpack, device=args.device, **common)
+        specs.append((f"lowcon/{m}", "train_lowcon", dict(lowcon, bf16=args.bf16), 1800, False))
+        if args.also_fp32:
+            specs.append((f"lowcon_fp32/{m}", "train_lowcon", dict(lowcon, bf16=False), 1800, False))
         if args.official:
             specs.append((f"official/{m}", "train_official",
                           dict(official=args.official, method=m, device=args.device, **common), 1800, False))
@@ -227,6 +237,8 @@ def main(argv: Optional[list[str]] = None) -> dict:
     else:
         measured = run_rounds(SCRIPT, specs, rounds=args.rounds, log=log)
     results: dict = {"machine": machine_info(), "args": vars(args), "lowcon": {}, "official": {}}
+    if args.also_fp32:
+        results["lowcon_fp32"] = {}
     for key, res in measured.items():
         side, m = key.split("/")
         results[side][m] = res
@@ -299,6 +311,26 @@ def report(results: dict) -> str:
                     value, what = paired[0], "time (median paired ratio)"
                 verdict = "-" if value is None else ("met" if value <= 0.8 else "MISSED")
                 lines.append(f"- {m} {what}: {fmt(value, 2)} -> {verdict}")
+    fp32_all = results.get("lowcon_fp32") or {}
+    if fp32_all:
+        lines += ["", "lowcon in float32, stepped in the same rounds (bf16 against float32, and each against "
+                  "the official code; paired ratios, median (range)):", ""]
+        rows = []
+        for m, mine in mine_all.items():
+            fp32, theirs = fp32_all.get(m), theirs_all.get(m)
+            rows.append([m, cell(fp32, "seconds_median"), memory_cell(fp32), paired_cell(mine, fp32),
+                         paired_cell(fp32, theirs) if has_off else "-", paired_cell(mine, theirs) if has_off else "-"])
+        lines.append(markdown_table(["method", "float32 s/iter", "float32 peak GB", "bf16 / float32",
+                                     "float32 / official", "bf16 / official"], rows))
+        if has_off:
+            lines += ["", "Target with the fastest settings: time <= 0.5x the official code's (median paired ratio "
+                      "of the faster setting):"]
+            for m, mine in mine_all.items():
+                ratios = [r[0] for r in (paired_ratio(mine, theirs_all.get(m)),
+                                         paired_ratio(fp32_all.get(m), theirs_all.get(m))) if r]
+                best = min(ratios) if ratios else None
+                verdict = "-" if best is None else ("met" if best <= 0.5 else "MISSED")
+                lines.append(f"- {m}: {fmt(best, 2)} -> {verdict}")
     lines += ["", "Ordering (seed, GPU: FastCUT < CUT < CycleGAN in time and memory):"]
     for side, res in (("lowcon", mine_all), ("official", theirs_all)):
         if not res:

@@ -10,6 +10,7 @@ import pytest
 import torch
 import yaml
 from PIL import Image
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from lowcon.config import ConfigError, load_config, preset_path
 from lowcon.data.embedded import apply_known_transform, write_embedded_translation_set
@@ -218,10 +219,11 @@ def test_r1_penalty_trains_with_the_winograd_patchgan():
 
 @pytest.mark.parametrize("method", ["cut", "cyclegan"])
 def test_bf16_mixed_precision_trains_close_to_float32(method):
-    # The same networks, data and seed in float32 and under bfloat16 autocast: the first step's
-    # losses agree to bf16's precision (8 bits of mantissa: about 0.4 % per rounding), the
-    # parameters move, and the fused Functions step aside (they would mix dtypes in backward).
-    logged, moved = {}, {}
+    # The same networks, data and seed in float32 and with bf16 on the CPU: the convolutions that
+    # lowcon's float32 kernels do not serve compute in bf16 (lowcon.models.bf16conv; none in
+    # float32), the fused runs stay on (autocast would turn them off), the first step's losses
+    # agree to bf16's precision (8 bits of mantissa: about 0.4 % per rounding) and the parameters move.
+    logged, moved, convolutions = {}, {}, {}
     for bf16 in (False, True):
         torch.manual_seed(0)
         cfg = TranslationConfig(method=method, crop_size=32, ngf=8, ndf=8, n_blocks=1, bf16=bf16,
@@ -230,18 +232,37 @@ def test_bf16_mixed_precision_trains_close_to_float32(method):
         assert model.autocast_dtype == (torch.bfloat16 if bf16 else None)
         before = [p.detach().clone() for p in model.parameters()]
         gen = torch.Generator().manual_seed(1)
-        logged[bf16] = model.train_step({"A": torch.rand(2, 3, 32, 32, generator=gen),
-                                         "B": torch.rand(2, 3, 32, 32, generator=gen)})
+        with DtypesOfConvolutions() as seen:
+            logged[bf16] = model.train_step({"A": torch.rand(2, 3, 32, 32, generator=gen),
+                                             "B": torch.rand(2, 3, 32, 32, generator=gen)})
+        convolutions[bf16] = seen.dtypes
         moved[bf16] = sum(not torch.equal(a, b) for a, b in zip(before, model.parameters()))
         layers = model.inference_module().model
-        assert fused_step(layers, 2, 4, set()) is not None  # [norm, ReLU, down-conv]
         with model._autocast():
-            assert (fused_step(layers, 2, 4, set()) is None) == bf16
+            assert not torch.is_autocast_enabled("cpu")
+            assert fused_step(layers, 2, 4, set()) is not None  # [norm, ReLU, down-conv]
+    assert convolutions[False] == {torch.float32}
+    assert torch.bfloat16 in convolutions[True]
     assert logged[True].keys() == logged[False].keys() and moved[True] == moved[False] > 0
     assert any(logged[True][k] != logged[False][k] for k in logged[False])  # bf16 did run
     for key, value in logged[False].items():
         assert np.isfinite(logged[True][key])
         assert logged[True][key] == pytest.approx(value, rel=0.05, abs=0.02), key
+
+
+class DtypesOfConvolutions(TorchDispatchMode):
+    """Records the input dtypes of aten's convolutions, forward and backward."""
+
+    def __init__(self):
+        super().__init__()
+        self.dtypes = set()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func.overloadpacket is torch.ops.aten.convolution:
+            self.dtypes.add(args[0].dtype)
+        elif func.overloadpacket is torch.ops.aten.convolution_backward:
+            self.dtypes.add(args[1].dtype)
+        return func(*args, **(kwargs or {}))
 
 
 def test_bf16_on_a_cpu_without_native_bfloat16_warns(data, tmp_path, monkeypatch):

@@ -42,6 +42,7 @@ from lowcon.methods.cyclegan import CycleGAN
 from lowcon.models.init import init_weights
 from lowcon.models.patch_discriminator import PatchDiscriminator
 from lowcon.models.resnet_generator import ResnetGenerator
+from lowcon.models.bf16conv import use_bf16_convolutions
 from lowcon.models.winograd import use_nnpack, use_winograd
 from lowcon.models.stylegan2 import (
     StyleGAN2Discriminator,
@@ -182,10 +183,12 @@ class TranslationConfig:
     # maps of 56x56 or more, by NNPACK's kernels (inside torch), used when OpenMP's idle threads
     # spin briefly: lowcon train restarts itself with GOMP_SPINCOUNT=20000 (lowcon.models.winograd)
     nnpack: bool = True
-    # memory and time: forward passes and losses in bfloat16 mixed precision (torch.autocast). On
-    # an H200 at batch 1, 256x256 it took 40-55 % less GPU memory but more time than float32 (the
-    # step waits on kernel launches there; benchmarks/README.md). On a CPU it needs native bf16
-    # (AMX, AVX512-BF16): emulated, so slow, elsewhere
+    # time (and memory on a GPU): bfloat16 mixed precision in training. On a GPU the forward passes
+    # and losses run under torch.autocast: on an H200 at batch 1, 256x256 it took 40-55 % less GPU
+    # memory but more time than float32 (the step waits on kernel launches there). On a CPU only
+    # the convolutions that lowcon's float32 kernels do not serve (strided, transposed, < 128
+    # channels) compute in bf16 (lowcon.models.bf16conv): 5-10 % faster steps; it needs native
+    # bf16 (AMX, AVX512-BF16), emulated, so slow, elsewhere (benchmarks/README.md)
     bf16: bool = False
     # run
     seed: int = 0
@@ -366,6 +369,8 @@ def _generator_network(cfg: TranslationConfig, checkpoint_blocks: bool = False) 
         use_winograd(net, WINOGRAD_MIN_CHANNELS, nnpack=cfg.nnpack)
     if cfg.nnpack:
         use_nnpack(net)  # the 7x7 convolutions
+    if cfg.bf16:
+        use_bf16_convolutions(net)  # the others: bf16 in training on the CPU (lowcon.models.bf16conv)
     return net
 
 
@@ -382,6 +387,8 @@ def build_discriminator(cfg: TranslationConfig) -> nn.Module:
     net = PatchDiscriminator(3, ndf=cfg.ndf, n_layers=cfg.n_layers_D, norm=cfg.norm, antialias=cfg.antialias)
     if cfg.winograd:
         use_winograd(net, WINOGRAD_MIN_CHANNELS, nnpack=cfg.nnpack)
+    if cfg.bf16:
+        use_bf16_convolutions(net)
     return init_weights(net, cfg.init_type, cfg.init_gain)
 
 

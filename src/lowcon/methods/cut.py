@@ -25,7 +25,7 @@ the trainer saves and restores it.
 from __future__ import annotations
 
 from contextlib import nullcontext
-from typing import Callable, Iterable, Literal, Optional, Sequence
+from typing import Callable, ContextManager, Iterable, Literal, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -34,6 +34,7 @@ from torch import Tensor, nn
 from lowcon.contrast.patchnce import PatchNCELoss
 from lowcon.contrast.projector import PatchProjector
 from lowcon.contrast.sampler import PatchSampler
+from lowcon.models.bf16conv import bf16_convolutions
 from lowcon.models.fused import unfused
 from lowcon.models.gan_loss import GAN_MODES, GANLoss
 from lowcon.methods.base import Method
@@ -157,10 +158,17 @@ class TranslationMethod(Method):
             for hook in self.epoch_end_hooks:
                 hook(done // self.steps_per_epoch)
 
-    def _autocast(self) -> torch.autocast:
+    def _autocast(self) -> ContextManager:
         """The networks' forward passes and losses run under this: mixed precision with
         `autocast_dtype` (e.g. ``torch.bfloat16``), or plain float32 when it is None. Backward runs
-        outside it, as PyTorch recommends; the losses are returned in float32."""
+        outside it, as PyTorch recommends; the losses are returned in float32.
+
+        bfloat16 on the CPU is :func:`~lowcon.models.bf16conv.bf16_convolutions` rather than
+        autocast: the convolutions that lowcon's float32 Winograd, NNPACK and fused kernels do not
+        serve compute in bf16 (the networks' layers were switched by ``use_bf16_convolutions``),
+        and those kernels, which autocast would turn off, keep running."""
+        if self.autocast_dtype == torch.bfloat16 and self.device.type == "cpu":
+            return bf16_convolutions()
         return torch.autocast(self.device.type, dtype=self.autocast_dtype or torch.float32,
                               enabled=self.autocast_dtype is not None)
 

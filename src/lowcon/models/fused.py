@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 
+from lowcon.models.bf16conv import bf16_active, conv_backward_bf16, conv_forward_bf16
 from lowcon.models.blur import Downsample, Upsample
 from lowcon.models.winograd import NNPACKConv2d, WinogradConv2d, conv_backward, conv_forward, direct
 
@@ -48,6 +49,8 @@ class FusedSpec:
             (:func:`~lowcon.models.winograd.conv_forward` and
             :func:`~lowcon.models.winograd.conv_backward`).
         nnpack: with `fast`, NNPACK where it serves, as the layer asks (its ``nnpack`` flag).
+        bf16: without `fast`, the convolution (one group) in bfloat16 as
+            :mod:`lowcon.models.bf16conv` computes it (set inside its ``bf16_convolutions``).
     """
 
     eps: Optional[float]
@@ -58,6 +61,7 @@ class FusedSpec:
     groups: int = 1
     fast: bool = False
     nnpack: bool = False
+    bf16: bool = False
 
 
 def _act(x: Tensor, slope: float) -> Tensor:
@@ -76,7 +80,7 @@ class NormActConv(torch.autograd.Function):
     Example:
         >>> h, w = torch.randn(1, 4, 8, 8), torch.randn(6, 4, 3, 3)
         >>> y = NormActConv.apply(h, w, None, FusedSpec(eps=1e-5, padding=1))
-        >>> torch.equal(y, F.conv2d(F.relu(F.instance_norm(h)), w, padding=1))
+        >>> torch.allclose(y, F.conv2d(F.relu(F.instance_norm(h)), w, padding=1), atol=1e-5)
         True
     """
 
@@ -93,6 +97,8 @@ class NormActConv(torch.autograd.Function):
         ctx.spec, ctx.has_bias = spec, bias is not None
         if spec.fast:
             return conv_forward(x, weight, bias, spec.padding, spec.nnpack)
+        if spec.bf16:
+            return conv_forward_bf16(x, weight, bias, [spec.stride] * 2, [spec.padding] * 2)
         return F.conv2d(x, weight, bias, stride=spec.stride, padding=spec.padding, groups=spec.groups)
 
     @staticmethod
@@ -111,6 +117,9 @@ class NormActConv(torch.autograd.Function):
         if spec.fast:
             grad_x, grad_w, grad_b = conv_backward(grad, x.detach(), weight, spec.padding, True, need_w, need_b,
                                                    spec.nnpack)
+        elif spec.bf16:
+            grad_x, grad_w, grad_b = conv_backward_bf16(grad, x.detach(), weight, [spec.stride] * 2,
+                                                        [spec.padding] * 2, (True, need_w, need_b))
         else:
             grad_x, grad_w, grad_b = torch.ops.aten.convolution_backward(
                 grad, x.detach(), weight, [weight.shape[0]] if ctx.has_bias else None, [spec.stride] * 2,
@@ -259,7 +268,8 @@ class _ReflectPadFn(torch.autograd.Function):
 def norm_act_conv(h: Tensor, conv: nn.Conv2d, spec: FusedSpec) -> Tensor:
     """`conv` applied through :class:`NormActConv` with `spec`; through the fast path of
     :mod:`lowcon.models.winograd` when `conv` is one of its layers (:class:`WinogradConv2d`,
-    :class:`NNPACKConv2d`) and the layer's `applies` accepts the map the convolution reads."""
+    :class:`NNPACKConv2d`) and the layer's `applies` accepts the map the convolution reads; else in
+    bf16 where :func:`~lowcon.models.bf16conv.bf16_active` (one group)."""
     if isinstance(conv, (WinogradConv2d, NNPACKConv2d)) and spec.stride == 1 and spec.groups == 1:
         height, width = h.shape[-2:]
         if isinstance(spec.pre, ReflectPad):
@@ -268,6 +278,8 @@ def norm_act_conv(h: Tensor, conv: nn.Conv2d, spec: FusedSpec) -> Tensor:
             height, width = 2 * height, 2 * width
         if conv.applies(h, conv.weight, spec.padding, size=(height, width)):
             spec = replace(spec, fast=True, nnpack=conv.nnpack)
+    if not spec.fast and spec.groups == 1 and bf16_active(h):
+        spec = replace(spec, bf16=True)
     return NormActConv.apply(h, conv.weight, conv.bias, spec)
 
 

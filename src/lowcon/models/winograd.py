@@ -421,10 +421,15 @@ def direct() -> Iterator[None]:
         _state.direct = previous
 
 
+def in_direct() -> bool:
+    """Whether this thread is inside :func:`direct`."""
+    return getattr(_state, "direct", False)
+
+
 def _fast_path_input(x: Tensor, weight: Tensor) -> bool:
     """What both fast paths need: float32 on the CPU, outside autocast and :func:`direct`, a
     (B, C, H, W) input and a square (O, C, r, r) filter of one group."""
-    return (not getattr(_state, "direct", False) and x.device.type == "cpu" and x.dtype == torch.float32
+    return (not in_direct() and x.device.type == "cpu" and x.dtype == torch.float32
             and weight.dtype == torch.float32 and x.ndim == 4 and weight.ndim == 4
             and weight.shape[-2] == weight.shape[-1] and weight.shape[1] == x.shape[1]
             and not torch.is_autocast_enabled("cpu"))
