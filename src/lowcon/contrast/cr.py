@@ -159,7 +159,7 @@ class ContrastiveRegularization(nn.Module):
 
     Example:
         >>> cr = ContrastiveRegularization(VGG19Features(weights="imagenet"))  # doctest: +SKIP
-        >>> loss = l1(out, clear) + 0.1 * cr(out, positive=clear, negative=hazy)
+        >>> loss = l1(out, clear) + 0.1 * cr(out, positive=clear, negative=hazy)  # doctest: +SKIP
 
     Reference:
         Wu et al., Contrastive Learning for Compact Single Image Dehazing, CVPR 2021.

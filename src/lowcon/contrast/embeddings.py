@@ -66,7 +66,7 @@ class VGG19Features(nn.Module):
 
     Example:
         >>> vgg = VGG19Features(weights="random")  # doctest: +SKIP
-        >>> feats = vgg(torch.rand(1, 3, 64, 64))
+        >>> feats = vgg(torch.rand(1, 3, 64, 64))  # doctest: +SKIP
 
     Reference:
         Wu et al., Contrastive Learning for Compact Single Image Dehazing, CVPR 2021.

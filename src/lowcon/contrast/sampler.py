@@ -49,8 +49,8 @@ class PatchSampler:
 
     Example:
         >>> sampler = PatchSampler(num_patches=256)
-        >>> k, ids = sampler(feats_src)          # draw
-        >>> q, _ = sampler(feats_out, ids=ids)   # the same locations in the output
+        >>> k, ids = sampler(feats_src)          # draw  # doctest: +SKIP
+        >>> q, _ = sampler(feats_out, ids=ids)   # the same locations in the output  # doctest: +SKIP
     """
 
     def __init__(self, num_patches: int = 256, generator: Optional[torch.Generator] = None) -> None:

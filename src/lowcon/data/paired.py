@@ -210,7 +210,7 @@ class PairedDehazeDataset(_SkippingDataset):
 
     Example:
         >>> data = PairedDehazeDataset("sots/hazy", "sots/clear", crop=240, augment=True)  # doctest: +SKIP
-        >>> item = data[0]; item["hazy"].shape
+        >>> item = data[0]; item["hazy"].shape  # doctest: +SKIP
         torch.Size([3, 240, 240])
     """
 

@@ -292,7 +292,7 @@ def compute_fid_kid(
         dict(fid=..., kid_mean=..., kid_std=...) as Python floats.
 
     Example:
-        >>> scores = compute_fid_kid("results/fake_B", "datasets/trainB", load_inception("pt.pth"))
+        >>> scores = compute_fid_kid("results/fake_B", "datasets/trainB", load_inception("pt.pth"))  # doctest: +SKIP
     """
     real = extract_features(real_images, feature_extractor, batch_size=batch_size, device=device)
     fake = extract_features(fake_images, feature_extractor, batch_size=batch_size, device=device)
@@ -461,7 +461,7 @@ def folder_fid_kid(
         dict(fid=..., kid_mean=..., kid_std=...).
 
     Example:
-        >>> folder_fid_kid("results/horse2zebra/fake_B", "datasets/horse2zebra/testB",
+        >>> folder_fid_kid("results/horse2zebra/fake_B", "datasets/horse2zebra/testB",  # doctest: +SKIP
         ...                inception_weights="weights-inception-2015-12-05-6726825d.pth")
     """
     for name, folder in (("real_dir", real_dir), ("fake_dir", fake_dir)):
