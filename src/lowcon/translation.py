@@ -630,9 +630,9 @@ def _output_names(files: Sequence[Path], out_dir: Path) -> list[Path]:
     return [out_dir / name for name in names]
 
 
-# Batches of more pixels than this go through the ResNet generator in bands of rows
-# (ResnetGenerator.forward_in_bands): the same output in less memory, and on 2 CPU cores no
-# slower from about a megapixel on (benchmarks/README.md).
+# Batches of more pixels than this go through the generator in bands of rows (forward_in_bands
+# of ResnetGenerator and StyleGAN2Generator): the same output in less memory, and on 2 CPU cores
+# no slower from about a megapixel on for the ResNet generator (benchmarks/README.md).
 BANDS_FROM_PIXELS = 1024 * 1024
 
 
@@ -640,7 +640,7 @@ BANDS_FROM_PIXELS = 1024 * 1024
 def _translate_batch(generator: nn.Module, images: list[Tensor], device: torch.device) -> Tensor:
     x = torch.stack(images).to(device) * 2 - 1
     large = x.shape[0] * x.shape[2] * x.shape[3] > BANDS_FROM_PIXELS
-    y = generator.forward_in_bands(x) if large and isinstance(generator, ResnetGenerator) else generator(x)
+    y = generator.forward_in_bands(x) if large and hasattr(generator, "forward_in_bands") else generator(x)
     return ((y + 1) / 2).clamp(0, 1).cpu()
 
 
@@ -664,9 +664,9 @@ def translate_paths(
     (``on_error="skip"``) or raised (``"raise"``). On the CPU the checkpoint's memory settings
     (``retain_freed_memory``, ``heap_mmap_threshold_mb``) apply to this process, as in training:
     by default freed memory is kept for the next image instead of being faulted in again. Batches
-    of more than ``BANDS_FROM_PIXELS`` pixels run through the ResNet generator in bands of rows
-    (``ResnetGenerator.forward_in_bands``: the same output in less memory). `progress` shows a
-    bar over the images.
+    of more than ``BANDS_FROM_PIXELS`` pixels run through the generator in bands of rows
+    (``forward_in_bands`` of the ResNet and StyleGAN2 generators: the same output in less
+    memory). `progress` shows a bar over the images.
 
     Returns:
         the written paths, in input order.

@@ -478,3 +478,98 @@ def test_bad_stylegan2_settings_are_one_line_errors_naming_the_key(overrides, ke
     with pytest.raises(ConfigError, match=key) as err:
         from_dict(TranslationConfig, data)
     assert "\n" not in str(err.value)
+
+
+# -- large images in bands of rows ----------------------------------------------------------------------
+
+
+def _random_generator(num_downsampling: int) -> StyleGAN2Generator:
+    """A float64 generator with every parameter drawn afresh, the noise weights (0 at init) too."""
+    torch.manual_seed(num_downsampling)
+    net = StyleGAN2Generator(ngf=4, n_blocks=2, size=64, num_downsampling=num_downsampling, nce_layers=(0, 2, 3)).double().eval()
+    with torch.no_grad():
+        for p in net.parameters():
+            p.normal_(0, 0.5)
+    return net
+
+
+@pytest.mark.parametrize("num_downsampling", [1, 2])
+def test_bands_of_rows_give_the_one_pass_output(num_downsampling, monkeypatch):
+    # Odd sizes (padded inside), a batch of 2, noise injected: every band size, from the
+    # smallest (one stride phase of rows) to one band, gives forward(x) to float64 rounding
+    # when the random state is the same.
+    net = _random_generator(num_downsampling)
+    x = torch.randn(2, 3, 157, 61, dtype=torch.float64)
+    torch.manual_seed(7)
+    with torch.no_grad():
+        want = net(x)
+    slabs = []
+    run = net._run
+    monkeypatch.setattr(net, "_run", lambda h, layers, last: slabs.append(h.shape[-2]) or run(h, layers, last))
+    for band_pixels in (1, 2 * 61 * 20, 10 ** 7):
+        slabs.clear()
+        torch.manual_seed(7)
+        got = net.forward_in_bands(x, band_pixels=band_pixels)
+        assert got.shape == want.shape
+        assert (got - want).abs().max() < 1e-12 * want.abs().max()
+        m = 2 ** num_downsampling  # bands of whole stride phases, of the padded image's rows
+        height, width = -(-157 // m) * m, -(-61 // m) * m
+        rows = max(m, band_pixels // (2 * width) // m * m)
+        assert len(slabs) == -(-height // rows) and max(slabs) <= min(height, rows + 2 * net.context_rows())
+    torch.manual_seed(8)  # another random state: other noise, so another output
+    assert not torch.allclose(net.forward_in_bands(x), want)
+
+
+def test_bands_need_their_context_rows():
+    # With too few rows of context the bands' edges see zero padding where the image goes on.
+    net = _random_generator(1)
+    x = torch.randn(1, 3, 64, 32, dtype=torch.float64)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        want = net(x)
+    net.context_rows = lambda: 2
+    torch.manual_seed(0)
+    assert (net.forward_in_bands(x, band_pixels=16 * 32) - want).abs().max() > 1e-3
+
+
+def test_context_rows_of_sincut_worked_out_by_hand():
+    # Input pixels of reach, layer by layer: the 1x1 conv 0; the down ResBlock's 3x3 conv 1, its
+    # blur 3 and stride-2 3x3 conv 2 (6); then at half resolution 3 + 3 ResBlocks of two 3x3
+    # convs, 2 pixels each (24); the up-conv's transposed 3x3 at half resolution 2 and its blur
+    # 3; the last 1x1 conv 0. 35 in all, rounded up to a multiple of 2.
+    assert build_generator(load_config(TranslationConfig, preset_path("sincut"))).context_rows() == 36
+    assert StyleGAN2Generator(ngf=4, n_blocks=2, size=64, num_downsampling=2, nce_layers=(0, 2, 3)).context_rows() % 4 == 0
+
+
+def test_bands_refuse_a_bad_band_size():
+    net = StyleGAN2Generator(ngf=2, n_blocks=2, size=32, nce_layers=(0, 2, 3))
+    with pytest.raises(ValueError, match="band_pixels"):
+        net.forward_in_bands(torch.randn(1, 3, 32, 32), band_pixels=0)
+
+
+def test_translate_runs_a_large_image_through_sincut_in_bands(tmp_path, monkeypatch):
+    import lowcon.translation as translation
+    from lowcon.data.io import read_image
+    from lowcon.translation import translate_paths
+
+    cfg = _tiny()
+    net = build_generator(cfg)
+    with torch.no_grad():
+        for module in net.modules():
+            if isinstance(module, NoiseInjection):
+                module.weight.fill_(0.3)
+    path = save_checkpoint(tmp_path / "g.pt", {"method": "cut", "config": to_dict(cfg), "generator": {"G": net.state_dict()}})
+    image = tmp_path / "in.png"
+    from PIL import Image
+    Image.fromarray((np.random.default_rng(0).random((50, 37, 3)) * 255).astype(np.uint8)).save(image)
+    torch.manual_seed(3)
+    plain = translate_paths([image], tmp_path / "plain", path)
+    calls = []
+    bands = StyleGAN2Generator.forward_in_bands
+    monkeypatch.setattr(StyleGAN2Generator, "forward_in_bands",
+                        lambda self, x: calls.append(tuple(x.shape)) or bands(self, x, band_pixels=37 * 4))
+    monkeypatch.setattr(translation, "BANDS_FROM_PIXELS", 50 * 37 - 1)
+    torch.manual_seed(3)
+    banded = translate_paths([image], tmp_path / "banded", path)
+    assert calls == [(1, 3, 50, 37)]
+    assert (read_image(banded[0]) - read_image(plain[0])).abs().max() <= 1 / 255

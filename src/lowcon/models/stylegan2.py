@@ -385,6 +385,77 @@ class StyleGAN2Generator(FeatureGenerator):
         if min(x.shape[-2:]) < low:
             raise ValueError(f"x height and width must be at least {low}, got {tuple(x.shape[-2:])}")
 
+    # -- large images: bands of rows with their context -----------------------------------------
+    def context_rows(self) -> int:
+        """Rows of input above and below a band that reach its output: at least the network's
+        receptive radius (an upper bound, summed layer by layer in input pixels), rounded up to a
+        multiple of ``2 ** num_downsampling`` so that bands keep the stride-2 phase."""
+        rows, scale = 0, 1  # scale: input pixels per pixel of the current map
+        for layer in (*self.encoder.convs, *self.decoder.convs):
+            if isinstance(layer, ResBlock):
+                rows += scale  # conv1, 3x3
+                if isinstance(layer.conv2[0], Blur):  # blur (4 taps), then a 3x3 stride-2 conv
+                    rows += 3 * scale + 2 * scale
+                    scale *= 2
+                else:
+                    rows += scale
+            elif isinstance(layer, StyledConv):  # x2 transposed 3x3, then a 4-tap blur
+                rows += scale
+                scale //= 2
+                rows += 3 * scale
+            elif isinstance(layer, ConvLayer):
+                rows += scale * (layer[0].weight.shape[-1] // 2)
+        multiple = self._size_multiple()
+        return -(-rows // multiple) * multiple
+
+    @torch.no_grad()
+    def forward_in_bands(self, x: Tensor, band_pixels: int = 2 ** 21) -> Tensor:
+        """``forward(x)`` for large images, without gradients, band of rows by band.
+
+        The network has no norms, so a band's output depends only on the input rows within
+        :meth:`context_rows` of it. Each band runs with that much context above and below
+        (clipped at the image's edges, where the network pads as in one pass), and only its
+        own rows are kept. The decoder's noise is drawn for the whole image first, in the order
+        and shapes of one pass, and each band reads its rows of it: with the same random state
+        the output equals ``forward(x)`` up to float rounding.
+
+        Args:
+            x: ``(B, C, H, W)``.
+            band_pixels: about this many pixels (batch times rows times width) per band, context
+                excluded; bands are at least ``2 ** num_downsampling`` rows.
+        """
+        if not isinstance(band_pixels, int) or band_pixels < 1:
+            raise ValueError(f"band_pixels must be a positive int, got {band_pixels!r}")
+        self._check_input(x)
+        height, width = x.shape[-2:]
+        xp = self._pad(x)
+        full = xp.shape[-2]
+        multiple, context = self._size_multiple(), self.context_rows()
+        noise = {}  # the decoder's up-convs, whole-image noise in one pass's order
+        rows_per_pixel = 2 ** self.num_downsampling
+        for layer in self.decoder.convs:
+            if isinstance(layer, StyledConv):
+                rows_per_pixel //= 2
+                if layer.inject_noise:
+                    noise[layer] = (xp.new_empty(xp.shape[0], 1, full // rows_per_pixel,
+                                                 xp.shape[-1] // rows_per_pixel).normal_(), rows_per_pixel)
+        rows = max(multiple, band_pixels // (xp.shape[0] * xp.shape[-1]) // multiple * multiple)
+        y = None
+        for top in range(0, full, rows):
+            bottom = min(full, top + rows)
+            start, end = max(0, top - context), min(full, bottom + context)
+            h, _ = self._run(xp[..., start:end, :], (), last=len(self.encoder.convs) - 1)
+            for layer in self.decoder.convs:
+                if layer in noise:
+                    maps, per = noise[layer]
+                    h = layer.activate(layer.noise(layer.conv(h), noise=maps[..., start // per:end // per, :]))
+                else:
+                    h = layer(h)
+            if y is None:
+                y = h.new_empty(*h.shape[:2], full, h.shape[-1])
+            y[..., top:bottom, :] = h[..., top - start:bottom - start, :]
+        return y[..., :height, :width]
+
 
 class StyleGAN2Discriminator(nn.Module):
     """SinCUT's discriminator: StyleGAN2's residual discriminator, one logit per image.
