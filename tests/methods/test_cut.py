@@ -136,6 +136,24 @@ def test_flip_equivariance_flips_the_input_and_flips_the_query_features_back():
     assert not any(plain.translate_for_training(a, b)["flipped"] for _ in range(20))
 
 
+def test_flipped_queries_are_the_flipped_back_maps_at_the_keys_locations():
+    # Sampled patches on a non-square image: the loss reads the query maps at mirrored columns;
+    # the independent formulation flips the maps back first and reads them at the keys' ids.
+    cut = tiny_cut(nce_idt=False, flip_equivariance=True, num_patches=8)
+    a = images(9, size=24)[..., :20] * 2 - 1  # 24 x 20
+    fake = cut.translate_for_training(a, a, flip=True)["fake_B"]
+    torch.manual_seed(3)
+    keys = cut.sampler(cut.G.forward_features(a, LAYERS))
+    got = cut.nce_loss(a, fake, flipped=True, keys=keys)
+    queries = cut.F(cut.sampler([torch.flip(f, dims=[3]) for f in cut.G.forward_features(fake, LAYERS)],
+                                ids=keys[1])[0])
+    expected = sum(cut.nce(q, k) for q, k in zip(queries, cut.F(keys[0]))) / len(LAYERS)
+    assert num(got) == pytest.approx(num(expected), rel=1e-6)
+    unflipped = cut.F(cut.sampler(cut.G.forward_features(fake, LAYERS), ids=keys[1])[0])
+    not_flipped_back = sum(cut.nce(q, k) for q, k in zip(unflipped, cut.F(keys[0]))) / len(LAYERS)
+    assert abs(num(got) - num(not_flipped_back)) > 1e-4
+
+
 def _params(module: nn.Module) -> list[torch.Tensor]:
     return [p.detach().clone() for p in module.parameters()]
 

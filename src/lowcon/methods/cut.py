@@ -353,13 +353,13 @@ class CUT(TranslationMethod):
         the source's key patches and their ids (``self.sampler``'s output) when already drawn
         (no gradient flows into them)."""
         feat_q = self.G.forward_features(output, self.nce_layers)
-        if flipped:
-            feat_q = [torch.flip(f, dims=[3]) for f in feat_q]
         # The keys are detached inside the loss, so they need no graph.
         if keys is None:
             with torch.no_grad():
                 keys = self.sampler(self.G.forward_features(source, self.nce_layers))
         patches_k, ids = [k.detach() for k in keys[0]], keys[1]
+        if flipped:  # the query features flipped back, read in place: column x of the flip is W - 1 - x
+            ids = [i + (f.shape[3] - 1) - 2 * (i % f.shape[3]) for i, f in zip(ids, feat_q)]
         patches_q, _ = self.sampler(feat_q, ids=ids)
         with torch.no_grad():
             keys = self.F(patches_k)
