@@ -122,6 +122,59 @@ def test_no_map_between_two_norms_is_made_whole():
     assert banded.largest == ngf * size * size
 
 
+def test_anti_aliased_down_steps_normalise_from_streamed_statistics():
+    # CUT's down steps: in one pass the 2ngf-channel map at full size is the largest (it is
+    # normalised whole); in bands the first down step's norm streams its statistics, so the
+    # largest map is a normed ngf-channel one (or the 4ngf one at half size, as large), and the
+    # output is the same.
+    ngf, size = 4, 64
+    net = ResnetGenerator(ngf=ngf, n_blocks=1, antialias=True, antialias_up=False).double().eval()
+    assert net._streamed_norms() == {5}  # [4] conv, [5] norm, [6] ReLU, [7] blur-pool
+    x = torch.rand(1, 3, size, size, dtype=torch.float64)
+    with torch.no_grad(), _LargestOutput() as one_pass:
+        expected = net(x)
+    band_mb = ngf * 2 * size * 8 * 8 / 2 ** 20  # bands of about 8 rows
+    with _LargestOutput() as banded:
+        got = net.forward_in_bands(x, band_mb=band_mb)
+    assert one_pass.largest >= 2 * ngf * size * size
+    assert banded.largest == ngf * size * size
+    assert (got - expected).abs().max() < 1e-10
+    with _LargestOutput() as whole_norms:
+        whole = run_in_bands(net.model, x, int(band_mb * 2 ** 20))  # no norm streamed
+    assert whole_norms.largest == 2 * ngf * size * size
+    assert (whole - expected).abs().max() < 1e-10
+    assert (run_in_bands(net.model, x, int(band_mb * 2 ** 20), streamed=frozenset({5, 9})) - expected).abs().max() < 1e-10
+
+
+def test_bands_give_free_memory_back_between_stages(monkeypatch):
+    # The whole maps between chains are gigabytes for a large photo; with the heap never trimmed
+    # (retain_freed_memory) each would stay in the resident memory after it is freed.
+    import lowcon.models.banded as banded
+
+    calls = []
+    monkeypatch.setattr(banded, "release_free_memory", lambda: calls.append(1))
+    layers = [nn.Conv2d(3, 4, 3, padding=1), nn.InstanceNorm2d(4), nn.ReLU(), nn.Conv2d(4, 2, 3, padding=1), nn.Tanh()]
+    run_in_bands(layers, torch.randn(1, 3, 8, 8), band_bytes=64)
+    assert len(calls) == 3  # before the norm, the ReLU and the Tanh
+
+
+@pytest.mark.parametrize("band_bytes", [1, 3 * 6 * 19 * 8 * 4, 10 ** 9], ids=["one row", "four rows", "whole"])
+def test_a_streamed_norm_equals_the_norm_of_the_whole_map(band_bytes):
+    # Statistics merged band by band (a batch of 2, odd sizes, values far from 0 so that a
+    # one-pass variance would lose digits): the same map as normalising it whole.
+    layers = [nn.Conv2d(3, 6, 3, padding=1), nn.InstanceNorm2d(6), nn.ReLU(), nn.Conv2d(6, 2, 3, stride=2)]
+    torch.manual_seed(0)
+    for layer in (layers[0], layers[3]):
+        layer.double()
+    with torch.no_grad():
+        layers[0].bias.add_(1e3)
+    x = torch.randn(2, 3, 19, 13, dtype=torch.float64)
+    with torch.no_grad():
+        expected = nn.Sequential(*layers)(x)
+    got = run_in_bands(layers, x, band_bytes, streamed=frozenset({1}))
+    assert (got - expected).abs().max() < 1e-10 * expected.abs().max()
+
+
 def test_layers_it_does_not_know_run_on_the_whole_map():
     layers = [nn.Conv2d(3, 4, 3, padding=1, padding_mode="circular"), nn.LeakyReLU(0.2), nn.Upsample(scale_factor=2),
               nn.Conv2d(4, 2, 3, dilation=2)]

@@ -11,8 +11,11 @@ while the layers between two norms that look at a neighbourhood (padding, convol
 upsampling, transposed convolutions) run as one chain, band of output rows by band. Each band is
 computed from the rows of the last whole map that it needs, so the maps inside a chain (the padded
 copies, the upsampled 128-channel map) never exist whole. With a 12-megapixel photo the peak is
-the two whole maps around one chain instead of every map of the pass. The output is the one-pass
-forward's, up to the order of float sums (tests: to 1e-10 in float64).
+the two whole maps around one chain instead of every map of the pass. A norm named in
+``streamed`` does not make its map whole either: it gathers its statistics in a first pass over
+its chain and normalises each band as the next chain reads it. Between stages the freed maps are
+given back to the system (:func:`lowcon.training.memory.release_free_memory`). The output is
+the one-pass forward's, up to the order of float sums (tests: to 1e-10 in float64).
 
 Layers it does not know run as themselves on the whole map; a layer can run itself in bands by
 defining ``forward_in_bands(x, band_bytes)`` (``ResnetBlock`` does).
@@ -28,6 +31,7 @@ from torch import Tensor, nn
 from lowcon.models.blur import Downsample, Upsample
 from lowcon.models.fused import instance_norm_
 from lowcon.models.winograd import NNPACKConv2d, WinogradConv2d, conv_forward
+from lowcon.training.memory import release_free_memory
 
 __all__ = ["run_in_bands"]
 
@@ -166,6 +170,52 @@ class _ConvTranspose(_Rows):
         return out[:, :, first:first + stop - start]
 
 
+class _Normed(_Rows):
+    """Instance norm (no affine) of the chain `source`, without its whole map: each image's and
+    channel's mean and variance from one pass over `source` in bands (each band's own mean and
+    centred sum of squares, in float64, merged by Chan, Golub and LeVeque's pairwise update), then
+    every band normalised as it is read. The chain up to here runs twice."""
+
+    def __init__(self, source: _Rows, eps: float, band_bytes: int):
+        self.source, self.shape, self.dtype = source, source.shape, source.dtype
+        self.cost = max(self._row_bytes(), source.cost)
+        b, c, h, w = self.shape
+        step = max(1, int(band_bytes // max(source.cost, 1)))
+        count, mean, m2 = 0, None, None
+        for start in range(0, h, step):
+            band = source.rows(start, min(start + step, h)).double()
+            n = band.shape[2] * w
+            band_mean = band.mean(dim=(2, 3))
+            band_m2 = (band - band_mean[:, :, None, None]).square_().sum(dim=(2, 3))
+            if mean is None:
+                mean, m2 = band_mean, band_m2
+            else:
+                delta, total = band_mean - mean, count + n
+                mean = mean + delta * (n / total)
+                m2 = m2 + band_m2 + delta.square() * (count * n / total)
+            count += n
+        invstd = (m2 / count + eps).rsqrt()
+        self.mean = mean.to(self.dtype)[:, :, None, None]
+        self.invstd = invstd.to(self.dtype)[:, :, None, None]
+
+    def rows(self, start: int, stop: int) -> Tensor:
+        return self.source.rows(start, stop).sub(self.mean).mul_(self.invstd)
+
+
+class _Relu(_Rows):
+    """ReLU of a normalised chain's rows (fresh tensors, so in place)."""
+
+    def __init__(self, source: _Normed):
+        self.source, self.shape, self.dtype, self.cost = source, source.shape, source.dtype, source.cost
+
+    def rows(self, start: int, stop: int) -> Tensor:
+        return self.source.rows(start, stop).relu_()
+
+
+def _plain_instance_norm(layer: nn.Module) -> bool:
+    return isinstance(layer, nn.InstanceNorm2d) and not layer.affine and not layer.track_running_stats
+
+
 def _chain(source: _Rows, layer: nn.Module) -> _Rows | None:
     """`layer` applied to `source` as a band-wise map, or None where it is not a neighbourhood
     layer this module knows."""
@@ -203,7 +253,7 @@ def _whole(source: _Rows, band_bytes: int) -> Tensor:
 
 def _on_whole_map(layer: nn.Module, x: Tensor, owned: bool, band_bytes: int) -> Tensor:
     """`layer` on the whole map `x`; in place where `x` is this pass's own (`owned`)."""
-    if isinstance(layer, nn.InstanceNorm2d) and not layer.affine and not layer.track_running_stats:
+    if _plain_instance_norm(layer):
         return instance_norm_(x if owned else x.clone(), layer.eps)[0]
     if isinstance(layer, nn.ReLU):
         return x.relu_() if owned else x.relu()
@@ -217,7 +267,8 @@ def _on_whole_map(layer: nn.Module, x: Tensor, owned: bool, band_bytes: int) -> 
 
 
 @torch.no_grad()
-def run_in_bands(layers: Sequence[nn.Module], x: Tensor, band_bytes: int = 64 * 2 ** 20) -> Tensor:
+def run_in_bands(layers: Sequence[nn.Module], x: Tensor, band_bytes: int = 64 * 2 ** 20,
+                 streamed: frozenset[int] = frozenset()) -> Tensor:
     """``nn.Sequential(*layers)(x)`` under ``torch.no_grad``, with the neighbourhood layers between
     two whole-map layers run band of rows by band (module docstring).
 
@@ -226,6 +277,9 @@ def run_in_bands(layers: Sequence[nn.Module], x: Tensor, band_bytes: int = 64 * 
         x: (B, C, H, W) input; not changed.
         band_bytes: about how many bytes one band of a chain holds; smaller bands take less memory
             and run more, smaller convolutions.
+        streamed: indices of instance norms (no affine) that normalise their chain band by band
+            from statistics gathered in a first pass over it, instead of making its whole map:
+            the chain is computed twice. A ReLU right after such a norm joins the chain.
 
     Returns:
         a new tensor, the layers' output.
@@ -234,14 +288,21 @@ def run_in_bands(layers: Sequence[nn.Module], x: Tensor, band_bytes: int = 64 * 
         raise ValueError(f"band_bytes must be >= 1, got {band_bytes!r}")
     source: _Rows = _Whole(x)
     owned = False  # whether x is this pass's own map, which may change in place
-    for layer in layers:
+    for index, layer in enumerate(layers):
         chained = _chain(source, layer)
         if chained is not None:
             source = chained
             continue
+        if index in streamed and _plain_instance_norm(layer) and not isinstance(source, _Whole):
+            source = _Normed(source, layer.eps, band_bytes)
+            continue
+        if isinstance(layer, nn.ReLU) and isinstance(source, _Normed):
+            source = _Relu(source)
+            continue
         if not isinstance(source, _Whole):
             x, owned = _whole(source, band_bytes), True
         source = None  # the chain, and the map it read, can go
+        release_free_memory()  # and leave the process's resident memory (glibc keeps it otherwise)
         y = _on_whole_map(layer, x, owned, band_bytes)
         owned = owned or y.untyped_storage().data_ptr() != x.untyped_storage().data_ptr()
         x, source = y, _Whole(y)

@@ -200,13 +200,29 @@ class ResnetGenerator(FeatureGenerator):
     def forward_in_bands(self, x: Tensor, band_mb: float = 64.0) -> Tensor:
         """``forward(x)`` for large images, without gradients: every norm still sees the whole
         map, but the padding, convolutions and resampling between two norms run in bands of rows
-        of about `band_mb` MB (:mod:`lowcon.models.banded`). The output equals ``forward(x)`` up
-        to float rounding. A 4000 x 3000 photo takes about 10 GB instead of more than 24."""
+        of about `band_mb` MB (:mod:`lowcon.models.banded`), and the first down step's norm
+        normalises from streamed statistics (:meth:`_streamed_norms`). The output equals
+        ``forward(x)`` up to float rounding. A 4000 x 3000 photo takes about 7.4 GB instead of
+        more than 24."""
         if not band_mb > 0:
             raise ValueError(f"band_mb must be > 0, got {band_mb!r}")
         self._check_input(x)
         height, width = x.shape[-2:]
-        return run_in_bands(self.model, self._pad(x), int(band_mb * 2 ** 20))[..., :height, :width]
+        return run_in_bands(self.model, self._pad(x), int(band_mb * 2 ** 20),
+                            streamed=self._streamed_norms())[..., :height, :width]
+
+    def _streamed_norms(self) -> frozenset[int]:
+        """The norm of the first anti-aliased down step (followed by a ReLU and a blur-pool): its
+        map, 2 ngf channels at full size, is the largest of a pass, so in bands it normalises from
+        streamed statistics instead of a whole map (its 3x3 convolution then runs twice). Streaming
+        the second down step's norm too saved 0.8 GB more for 23 % more time at 4000 x 3000
+        (benchmarks/README.md)."""
+        layers = list(self.model)
+        for i in range(len(layers) - 2):
+            if (isinstance(layers[i], nn.InstanceNorm2d) and isinstance(layers[i + 1], nn.ReLU)
+                    and isinstance(layers[i + 2], Downsample)):
+                return frozenset({i})
+        return frozenset()
 
     def _feature_layers(self) -> nn.Sequential:
         return self.model

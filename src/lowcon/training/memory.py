@@ -100,6 +100,16 @@ def retain_freed_memory() -> bool:
     return bool(libc.mallopt(_M_MMAP_MAX, 0)) and bool(libc.mallopt(_M_TRIM_THRESHOLD, _INT_MAX))
 
 
+def release_free_memory() -> bool:
+    """Give the free pages of the heap back to the system now (glibc's ``malloc_trim``), also
+    those between blocks in use. With :func:`retain_freed_memory` the heap is never trimmed by
+    itself, so a pass that frees a map of gigabytes and then makes other large ones would hold
+    both in its resident memory; the banded translation calls this between its stages. Returns
+    True when glibc gave memory back, False otherwise (nothing to give, or not glibc)."""
+    libc = _libc()
+    return bool(libc.malloc_trim(0)) if libc is not None else False
+
+
 def map_large_allocations(threshold_mb: float) -> bool:
     """Serve every allocation of at least `threshold_mb` MB from its own mapping (glibc).
 
