@@ -22,7 +22,7 @@ defining ``forward_in_bands(x, band_bytes)`` (``ResnetBlock`` does).
 """
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -179,12 +179,10 @@ class _Normed(_Rows):
     def __init__(self, source: _Rows, eps: float, band_bytes: int):
         self.source, self.shape, self.dtype = source, source.shape, source.dtype
         self.cost = max(self._row_bytes(), source.cost)
-        b, c, h, w = self.shape
-        step = max(1, int(band_bytes // max(source.cost, 1)))
         count, mean, m2 = 0, None, None
-        for start in range(0, h, step):
-            band = source.rows(start, min(start + step, h)).double()
-            n = band.shape[2] * w
+        for start, stop in _bands(source, band_bytes):
+            band = source.rows(start, stop).double()
+            n = band.shape[2] * band.shape[3]
             band_mean = band.mean(dim=(2, 3))
             band_m2 = (band - band_mean[:, :, None, None]).square_().sum(dim=(2, 3))
             if mean is None:
@@ -238,16 +236,24 @@ def _chain(source: _Rows, layer: nn.Module) -> _Rows | None:
     return None
 
 
+def _bands(source: _Rows, band_bytes: int) -> Iterator[tuple[int, int]]:
+    """``(start, stop)`` of the bands of `source`'s rows that hold at most about `band_bytes` each
+    (at least one row)."""
+    step = max(1, int(band_bytes // max(source.cost, 1)))
+    for start in range(0, source.height, step):
+        yield start, min(start + step, source.height)
+
+
 def _whole(source: _Rows, band_bytes: int) -> Tensor:
     """Every row of `source`, computed in bands of at most about `band_bytes` each."""
     if isinstance(source, _Whole):
         return source.x
-    step = max(1, int(band_bytes // max(source.cost, 1)))
-    first = source.rows(0, min(step, source.height))
-    out = first.new_empty(source.shape)
-    out[:, :, :first.shape[2]] = first
-    for start in range(first.shape[2], source.height, step):
-        out[:, :, start:start + step] = source.rows(start, min(start + step, source.height))
+    out = None
+    for start, stop in _bands(source, band_bytes):
+        band = source.rows(start, stop)
+        if out is None:
+            out = band.new_empty(source.shape)
+        out[:, :, start:stop] = band
     return out
 
 
