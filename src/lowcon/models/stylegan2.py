@@ -269,10 +269,11 @@ class StyledConv(nn.Module):
         self.activate = FusedLeakyReLU(out_channels)
         self.inject_noise = inject_noise
 
-    def forward(self, x: Tensor, style: Optional[Tensor] = None) -> Tensor:
+    def forward(self, x: Tensor, style: Optional[Tensor] = None, noise: Optional[Tensor] = None) -> Tensor:
+        """`noise`: the (B, 1, H, W) map to inject (drawn afresh when None)."""
         out = self.conv(x, style)
         if self.inject_noise:
-            out = self.noise(out)
+            out = self.noise(out, noise)
         return self.activate(out)
 
 
@@ -368,9 +369,10 @@ class StyleGAN2Generator(FeatureGenerator):
                 found[index] = x
         return x, [found[k] for k in layers]
 
-    def _finish(self, x: Tensor) -> Tensor:  # the decoder
+    def _finish(self, x: Tensor, noise: Optional[dict] = None) -> Tensor:  # the decoder
+        """`noise`: the maps some of the decoder's StyledConvs inject, by layer (else drawn)."""
         for layer in self.decoder.convs:
-            x = self._block(layer, x)
+            x = layer(x, noise=noise[layer]) if noise and layer in noise else self._block(layer, x)
         return x
 
     def _block(self, layer: nn.Module, x: Tensor) -> Tensor:
@@ -445,12 +447,7 @@ class StyleGAN2Generator(FeatureGenerator):
             bottom = min(full, top + rows)
             start, end = max(0, top - context), min(full, bottom + context)
             h, _ = self._run(xp[..., start:end, :], (), last=len(self.encoder.convs) - 1)
-            for layer in self.decoder.convs:
-                if layer in noise:
-                    maps, per = noise[layer]
-                    h = layer.activate(layer.noise(layer.conv(h), noise=maps[..., start // per:end // per, :]))
-                else:
-                    h = layer(h)
+            h = self._finish(h, {layer: maps[..., start // per:end // per, :] for layer, (maps, per) in noise.items()})
             if y is None:
                 y = h.new_empty(*h.shape[:2], full, h.shape[-1])
             y[..., top:bottom, :] = h[..., top - start:bottom - start, :]
