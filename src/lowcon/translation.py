@@ -39,10 +39,10 @@ from lowcon.data.unpaired import SingleImagePairDataset, UnpairedDataset, resolv
 from lowcon.inference import auto_device, cpu_has_native_bf16
 from lowcon.methods.cut import CUT
 from lowcon.methods.cyclegan import CycleGAN
+from lowcon.models.bf16conv import use_bf16_convolutions
 from lowcon.models.init import init_weights
 from lowcon.models.patch_discriminator import PatchDiscriminator
 from lowcon.models.resnet_generator import ResnetGenerator
-from lowcon.models.bf16conv import use_bf16_convolutions
 from lowcon.models.winograd import use_nnpack, use_winograd
 from lowcon.models.stylegan2 import (
     StyleGAN2Discriminator,
@@ -186,9 +186,10 @@ class TranslationConfig:
     # time (and memory on a GPU): bfloat16 mixed precision in training. On a GPU the forward passes
     # and losses run under torch.autocast: on an H200 at batch 1, 256x256 it took 40-55 % less GPU
     # memory but more time than float32 (the step waits on kernel launches there). On a CPU only
-    # the convolutions that lowcon's float32 kernels do not serve (strided, transposed, < 128
-    # channels) compute in bf16 (lowcon.models.bf16conv): 5-10 % faster steps; it needs native
-    # bf16 (AMX, AVX512-BF16), emulated, so slow, elsewhere (benchmarks/README.md)
+    # the convolutions that lowcon's float32 kernels do not serve (strided, transposed, < 64
+    # channels) compute in bf16 (lowcon.models.bf16conv): CycleGAN's step 6-8 % faster, CUT's and
+    # FastCUT's unchanged; it needs native bf16 (AMX, AVX512-BF16), emulated, so slow, elsewhere
+    # (benchmarks/README.md)
     bf16: bool = False
     # run
     seed: int = 0

@@ -6,8 +6,10 @@ as its float32 ones, but no faster than lowcon's float32 Winograd and NNPACK lay
 (:mod:`lowcon.models.winograd`), which autocast would turn off along with the fused norm runs
 (:mod:`lowcon.models.fused`). So inside :func:`bf16_convolutions` only the convolutions those
 kernels do not serve compute in bf16: strided and transposed convolutions (CycleGAN's resampling,
-the discriminators' strided layers) and the stride-1 ones of fewer than 128 channels (CUT's
-full-resolution layers). Their input and filter are rounded to bf16, oneDNN accumulates in float32,
+the discriminators' strided layers) and the stride-1 ones left to aten (fewer than 64 channels in
+or out, such as the discriminators' first and last layers; the 7x7 ones when NNPACK is off). In
+CUT and FastCUT almost every convolution is Winograd's or NNPACK's, so they gain nothing
+(benchmarks/README.md). Their input and filter are rounded to bf16, oneDNN accumulates in float32,
 and the output, rounded to bf16, comes back as float32, as under autocast; the bias is added in
 float32. Norms, activations, losses, the Winograd and NNPACK layers and the optimiser stay
 float32. Backward computes the input and weight gradients in bf16 the same way from the bf16
