@@ -4,6 +4,7 @@ import random
 import numpy as np
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 
 @pytest.fixture(autouse=True)
@@ -42,3 +43,26 @@ def saved_bytes():
         return sum(storages.values())
 
     return measure
+
+
+class _ConvolutionCalls(TorchDispatchMode):
+    """Records ``(input dtype, filter shape)`` of every aten convolution and convolution backward
+    run inside it, in order, in ``calls``."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func.overloadpacket is torch.ops.aten.convolution:
+            self.calls.append((args[0].dtype, tuple(args[1].shape)))
+        elif func.overloadpacket is torch.ops.aten.convolution_backward:
+            self.calls.append((args[1].dtype, tuple(args[2].shape)))
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.fixture
+def record_convolutions():
+    """``with record_convolutions() as seen: ...``: then ``seen.calls`` lists ``(input dtype,
+    filter shape)`` of the aten convolutions (forward and backward) that ran in the block."""
+    return _ConvolutionCalls

@@ -10,7 +10,6 @@ import pytest
 import torch
 import yaml
 from PIL import Image
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from lowcon.config import ConfigError, load_config, preset_path
 from lowcon.data.embedded import apply_known_transform, write_embedded_translation_set
@@ -218,7 +217,7 @@ def test_r1_penalty_trains_with_the_winograd_patchgan():
 
 
 @pytest.mark.parametrize("method", ["cut", "cyclegan"])
-def test_bf16_mixed_precision_trains_close_to_float32(method):
+def test_bf16_mixed_precision_trains_close_to_float32(method, record_convolutions):
     # The same networks, data and seed in float32 and with bf16 on the CPU: the convolutions that
     # lowcon's float32 kernels do not serve compute in bf16 (lowcon.models.bf16conv; none in
     # float32), the fused runs stay on (autocast would turn them off), the first step's losses
@@ -232,10 +231,10 @@ def test_bf16_mixed_precision_trains_close_to_float32(method):
         assert model.autocast_dtype == (torch.bfloat16 if bf16 else None)
         before = [p.detach().clone() for p in model.parameters()]
         gen = torch.Generator().manual_seed(1)
-        with DtypesOfConvolutions() as seen:
+        with record_convolutions() as seen:
             logged[bf16] = model.train_step({"A": torch.rand(2, 3, 32, 32, generator=gen),
                                              "B": torch.rand(2, 3, 32, 32, generator=gen)})
-        convolutions[bf16] = seen.dtypes
+        convolutions[bf16] = {dtype for dtype, _ in seen.calls}
         moved[bf16] = sum(not torch.equal(a, b) for a, b in zip(before, model.parameters()))
         layers = model.inference_module().model
         with model._autocast():
@@ -248,21 +247,6 @@ def test_bf16_mixed_precision_trains_close_to_float32(method):
     for key, value in logged[False].items():
         assert np.isfinite(logged[True][key])
         assert logged[True][key] == pytest.approx(value, rel=0.05, abs=0.02), key
-
-
-class DtypesOfConvolutions(TorchDispatchMode):
-    """Records the input dtypes of aten's convolutions, forward and backward."""
-
-    def __init__(self):
-        super().__init__()
-        self.dtypes = set()
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if func.overloadpacket is torch.ops.aten.convolution:
-            self.dtypes.add(args[0].dtype)
-        elif func.overloadpacket is torch.ops.aten.convolution_backward:
-            self.dtypes.add(args[1].dtype)
-        return func(*args, **(kwargs or {}))
 
 
 def test_bf16_on_a_cpu_without_native_bfloat16_warns(data, tmp_path, monkeypatch):

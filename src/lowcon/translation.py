@@ -539,9 +539,10 @@ def train_translation(cfg: TranslationConfig, resume: bool = False, progress: bo
         sample_batch=_sample_batch(dataset) if cfg.sample_every and main else None,
     )
     with distributed.leaving():
-        trainer.fit(resume=resume)
+        done = trainer.fit(resume=resume)
         if main:
-            _log_line(run_dir, f"stopped at step {trainer.step} of {steps}")
+            _log_line(run_dir, f"stopped at step {trainer.step} of {steps}" if done["trained"] else
+                      f"nothing to train: at step {trainer.step} already, the run asks for {steps}")
     return run_dir
 
 

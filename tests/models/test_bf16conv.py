@@ -4,7 +4,6 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from lowcon.models.bf16conv import (Bf16Conv2d, Bf16ConvTranspose2d, bf16_active, bf16_conv, bf16_convolutions,
                                     use_bf16_convolutions)
@@ -18,20 +17,6 @@ BF16_EPS = 2.0 ** -8  # bf16's unit roundoff: 8 significant bits
 def _rounded(t: torch.Tensor) -> torch.Tensor:
     """`t` rounded to bf16, in float64."""
     return t.detach().to(torch.bfloat16).double()
-
-
-class _Convolutions(TorchDispatchMode):
-    """Records the input dtype and filter shape of every aten convolution and its backward."""
-
-    def __init__(self):
-        super().__init__()
-        self.calls = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if func.overloadpacket in (torch.ops.aten.convolution, torch.ops.aten.convolution_backward):
-            x, w = (args[0], args[1]) if func.overloadpacket is torch.ops.aten.convolution else (args[1], args[2])
-            self.calls.append((x.dtype, tuple(w.shape)))
-        return func(*args, **(kwargs or {}))
 
 
 # (x shape, weight shape, stride, padding, transposed, output padding)
@@ -125,7 +110,7 @@ def test_winograd_layers_are_left_to_their_kernels():
 
 @pytest.mark.parametrize("stride,padding,pre", [(2, 1, None), (1, 1, None), (1, 0, ReflectPad(1))],
                          ids=["strided (CycleGAN down, PatchGAN)", "zero-padded", "reflect-padded"])
-def test_fused_runs_compute_their_convolution_in_bf16_inside_the_block(stride, padding, pre):
+def test_fused_runs_compute_their_convolution_in_bf16_inside_the_block(stride, padding, pre, record_convolutions):
     # NormActConv with the bf16 flag against the same function from separate pieces: lowcon's
     # instance norm layer, LeakyReLU and padding by autograd, then bf16_conv (itself checked
     # against float64 above). The fused run recomputes the convolution's input in backward with the
@@ -141,7 +126,7 @@ def test_fused_runs_compute_their_convolution_in_bf16_inside_the_block(stride, p
         layers = [InstanceNorm2d(6), nn.LeakyReLU(0.2)] + ([nn.ReflectionPad2d(1)] if pre else []) + [conv]
         end, run = fused_step(layers, 0, len(layers) - 1, set())
         assert end == len(layers) - 1
-        with _Convolutions() as seen:
+        with record_convolutions() as seen:
             fused = NormActConv.apply(h, w, b, replace(spec, bf16=True))
             via_layers = run(h)
         fused.backward(torch.ones_like(fused))
@@ -159,7 +144,7 @@ def test_fused_runs_compute_their_convolution_in_bf16_inside_the_block(stride, p
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5 * want.abs().max().item())
 
 
-def test_a_generator_keeps_its_float32_kernels_and_rounds_the_others():
+def test_a_generator_keeps_its_float32_kernels_and_rounds_the_others(record_convolutions):
     # CycleGAN's generator (strided and transposed resampling) with 128-channel residual blocks:
     # inside the block the blocks' convolutions stay lowcon's float32 Winograd, the resampling
     # convolutions run in bf16, and the output is close to float32's.
@@ -169,7 +154,7 @@ def test_a_generator_keeps_its_float32_kernels_and_rounds_the_others():
     assert use_bf16_convolutions(net) == 6  # the 7x7 layers, two down and two up
     x = torch.rand(1, 3, 128, 128) * 2 - 1  # residual maps of 32x32: enough tiles for Winograd
     want = net(x)
-    with bf16_convolutions(), _Convolutions() as seen:
+    with bf16_convolutions(), record_convolutions() as seen:
         got = net(x)
         got.sum().backward()
     in_bf16 = {shape for dtype, shape in seen.calls if dtype == torch.bfloat16}

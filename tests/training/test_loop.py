@@ -57,9 +57,9 @@ class LinearFit(Method):
         return {"mse": loss.item()}
 
 
-def make(tmp_path, steps, **kw):
+def make(tmp_path, steps, log_every=1, **kw):
     method = LinearFit(**{k: v for k, v in kw.items() if k == "nan_at"})
-    trainer = Trainer(method, Noisy(), tmp_path, steps=steps, batch_size=3, seed=1, log_every=1,
+    trainer = Trainer(method, Noisy(), tmp_path, steps=steps, batch_size=3, seed=1, log_every=log_every,
                       checkpoint_every=2, sample_every=0, progress=False)
     return method, trainer
 
@@ -170,3 +170,40 @@ def test_a_signal_in_the_middle_of_a_step_never_saves_half_a_step(tmp_path, sign
     assert method.seen[:saved_step] + resumed.seen == full.seen
     for a, b in zip(full.net.parameters(), resumed.net.parameters()):
         assert torch.equal(a, b)
+
+
+def _logged(run_dir):
+    return [(int(r["step"]), float(r["mse"])) for r in csv.DictReader(open(run_dir / "log.csv"))]
+
+
+def test_a_stop_logs_the_steps_since_the_last_row(tmp_path):
+    # log_every 5: a run stopped by SIGTERM after step 3 logs steps 1-3 (their mean), as the end of
+    # a run does; resumed, it logs at 5 (steps 4-5) and at its end, 8 (steps 6-8).
+    import os
+    import signal
+
+    full, trainer = make(tmp_path / "full", 8, log_every=1)
+    trainer.fit()
+    mse = dict(_logged(tmp_path / "full"))
+    method, trainer = make(tmp_path / "cut", 8, log_every=5)
+    method.mid_step = lambda call: os.kill(os.getpid(), signal.SIGTERM) if call == 3 else None
+    assert trainer.fit() == {"step": 3, "best": None, "run_dir": str(tmp_path / "cut"), "trained": 3}
+    _, trainer = make(tmp_path / "cut", 8, log_every=5)
+    assert trainer.fit(resume=True)["trained"] == 5
+    want = [(3, (mse[1] + mse[2] + mse[3]) / 3), (5, (mse[4] + mse[5]) / 2), (8, (mse[6] + mse[7] + mse[8]) / 3)]
+    got = _logged(tmp_path / "cut")
+    assert [s for s, _ in got] == [s for s, _ in want]
+    assert [v for _, v in got] == pytest.approx([v for _, v in want], rel=1e-12)
+
+
+def test_resuming_a_run_at_or_past_its_end_trains_nothing_and_says_so(tmp_path, capsys):
+    _, trainer = make(tmp_path, 6)
+    trainer.fit()
+    rows = _logged(tmp_path)
+    for steps in (6, 4):
+        method, trainer = make(tmp_path, steps)
+        assert trainer.fit(resume=True) == {"step": 6, "best": None, "run_dir": str(tmp_path), "trained": 0}
+        assert method.calls == 0
+        assert f"already at step 6, the run asks for {steps}: nothing to train" in capsys.readouterr().err
+    assert _logged(tmp_path) == rows
+    assert load_checkpoint(tmp_path / "last.pt")["step"] == 6

@@ -192,9 +192,18 @@ class Trainer:
 
     # -- the loop ---------------------------------------------------------------------------
     def fit(self, resume: bool | str | Path = False) -> dict:
+        """Train until step ``steps`` (from the run's ``last.pt``, or `resume`'s path, when `resume`):
+        a row of ``log.csv`` every ``log_every`` steps and at a stop, checkpoints, samples. Returns
+        ``{"step", "best", "run_dir", "trained"}``, the last the steps this call ran (0 when the run
+        was at ``steps`` or past it already)."""
         if resume:
             self.resume(None if resume is True else resume)
         main = self.rank == 0
+        if self.step >= self.steps:
+            if main:
+                print(f"{self.run_dir}: already at step {self.step}, the run asks for {self.steps}: nothing to train",
+                      file=sys.stderr, flush=True)
+            return {"step": self.step, "best": self.best, "run_dir": str(self.run_dir), "trained": 0}
         if self.world > 1:
             distributed.broadcast_state(self.method)
             distributed.average_gradients_of(self.method)
@@ -223,7 +232,7 @@ class Trainer:
             except ValueError:  # not in the main thread
                 break
         stopping = False
-        last_good = self.step
+        first = last_good = self.step
         started, window, window_steps = time.time(), {}, 0
         try:
             for batch in self._batches():
@@ -239,7 +248,8 @@ class Trainer:
                 window_steps += 1
                 for k, v in losses.items():
                     window.setdefault(k, []).append(float(v))
-                if self.step % self.log_every == 0 or self.step == self.steps:
+                # a stop (the last step, a signal) logs the steps since the last row too
+                if self.step % self.log_every == 0 or self.step == self.steps or stopping:
                     row = {k: sum(v) / len(v) for k, v in window.items()}
                     row.update(self.method.log_extras())
                     row["sec_per_step"] = (time.time() - started) / window_steps
@@ -251,7 +261,7 @@ class Trainer:
                 sample_due = self.sample_every and (self.step % self.sample_every == 0 or self.step == self.steps)
                 if main and sample_due:
                     self._write_samples(batch)
-                if main and (sample_due or self.step == self.steps):
+                if main and (sample_due or self.step == self.steps or stopping):
                     self._write_curves(logger.rows)
                 if main and self.val_every and self.validate is not None and (self.step % self.val_every == 0 or self.step == self.steps):
                     self._run_validation(logger)
@@ -279,7 +289,7 @@ class Trainer:
                       "(resume with --resume)", file=sys.stderr, flush=True)
             if asked["signal"] == signal.SIGINT and self.step < self.steps:
                 raise KeyboardInterrupt
-        return {"step": self.step, "best": self.best, "run_dir": str(self.run_dir)}
+        return {"step": self.step, "best": self.best, "run_dir": str(self.run_dir), "trained": self.step - first}
 
     def _run_validation(self, logger: MetricLogger) -> None:
         metrics = self.validate(self.method)
