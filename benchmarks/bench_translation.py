@@ -22,8 +22,10 @@ head of CUT), ``setup``, ``parallelize``, then ``set_input`` / ``optimize_parame
 case process also puts the options in ``sys.argv`` (without that, "FastCUT" silently runs as
 CUT); the case checks the resulting ``nce_idt`` and ``lambda_NCE``. Its
 ``cycle_gan_model.py`` reads ``opt.amp``, which no option defines; the benchmark sets it to
-False on the parsed options. Its CycleGAN is run with the settings of lowcon's cyclegan preset
-(no anti-aliasing, normal init), which are the CycleGAN defaults.
+False on the parsed options. Its CycleGAN runs with its own default options, as lowcon's
+``cyclegan`` preset does (CUT's anti-aliased networks, xavier init); ``--methods cyclegan_original``
+compares lowcon's ``cyclegan_original`` preset with the official code run with that preset's settings
+(no anti-aliasing, normal init: the CycleGAN repository's).
 """
 from __future__ import annotations
 
@@ -42,12 +44,14 @@ import torch  # noqa: E402
 
 SCRIPT = str(Path(__file__).resolve())
 METHODS = ("cut", "fastcut", "cyclegan")
+EXTRA_METHODS = ("cyclegan_original",)  # run only when asked for by --methods
 # The seed's GPU measurements (s/iter, GB), for the ordering only: these are not CPU numbers.
-SEED_GPU = {"cut": (0.24, 3.33), "fastcut": (0.15, 2.25), "cyclegan": (0.40, 4.81)}
+SEED_GPU = {"cut": (0.24, 3.33), "fastcut": (0.15, 2.25), "cyclegan": (0.40, 4.81), "cyclegan_original": (0.40, 4.81)}
 OFFICIAL_ARGS = {
     "cut": "--model cut --CUT_mode CUT",
     "fastcut": "--model cut --CUT_mode FastCUT",
-    "cyclegan": "--model cycle_gan --no_antialias --no_antialias_up --init_type normal",
+    "cyclegan": "--model cycle_gan",
+    "cyclegan_original": "--model cycle_gan --no_antialias --no_antialias_up --init_type normal",
 }
 
 
@@ -174,7 +178,8 @@ def main(argv: Optional[list[str]] = None) -> dict:
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--size", type=int, default=256)
     p.add_argument("--batch", type=int, default=1)
-    p.add_argument("--methods", default=",".join(METHODS), help="comma-separated subset of cut,fastcut,cyclegan")
+    p.add_argument("--methods", default=",".join(METHODS),
+                   help="comma-separated subset of cut,fastcut,cyclegan (and cyclegan_original)")
     p.add_argument("--rounds", type=int, default=1,
                    help="interleaved passes over the cases; each keeps its fastest pass (shared machines)")
     p.add_argument("--paired", action="store_true",
@@ -204,9 +209,9 @@ def main(argv: Optional[list[str]] = None) -> dict:
     p.add_argument("--out", default=str(HERE / "results" / "translation.json"))
     args = p.parse_args(argv)
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
-    unknown = [m for m in methods if m not in METHODS]
+    unknown = [m for m in methods if m not in METHODS + EXTRA_METHODS]
     if unknown:
-        p.error(f"--methods: unknown {unknown}; valid: {', '.join(METHODS)}")
+        p.error(f"--methods: unknown {unknown}; valid: {', '.join(METHODS + EXTRA_METHODS)}")
     if args.also_fp32 and not (args.bf16 and args.paired):
         p.error("--also-fp32 needs --bf16 and --paired")
     common = dict(size=args.size, batch=args.batch, repeats=args.repeats, warmup=args.warmup)

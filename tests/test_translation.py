@@ -3,6 +3,7 @@ import shutil
 import subprocess
 import sys
 import warnings
+from dataclasses import fields
 from pathlib import Path
 
 import numpy as np
@@ -90,10 +91,30 @@ def test_presets_load_with_the_official_defaults():
     assert (sin.lambda_R1, sin.lambda_identity, sin.nce_negatives, sin.num_patches, sin.gan_mode) == (
         1.0, 1.0, "batch", 1, "nonsaturating")
     assert (sin.lambda_NCE, sin.lr, sin.beta1, sin.beta2, sin.batch_size, sin.crop_size) == (4.0, 0.002, 0.0, 0.99, 16, 64)
+    # CycleGAN as the CUT repository's cycle_gan_model trains it: CUT's networks and schedule
     cyc = load_config(TranslationConfig, preset_path("cyclegan"))
     assert (cyc.n_epochs, cyc.n_epochs_decay, cyc.pool_size, cyc.lambda_A, cyc.lambda_B, cyc.lambda_identity) == (
-        100, 100, 50, 10.0, 10.0, 0.5)
+        200, 200, 50, 10.0, 10.0, 0.5)
+    assert (cyc.antialias, cyc.antialias_up, cyc.init_type, cyc.no_resize_in_decay) == (True, True, "xavier", True)
     assert cyc.data == "datasets/horse2zebra"
+    # ... and as its own repository does
+    orig = load_config(TranslationConfig, preset_path("cyclegan_original"))
+    assert (orig.n_epochs, orig.n_epochs_decay, orig.pool_size, orig.lambda_identity) == (100, 100, 50, 0.5)
+    assert (orig.antialias, orig.antialias_up, orig.init_type, orig.no_resize_in_decay) == (False, False, "normal", False)
+
+
+@pytest.mark.parametrize("method", ["fastcut", "sincut", "cyclegan"])
+def test_a_config_file_naming_only_its_method_gets_that_methods_defaults(method, tmp_path):
+    # As the official --CUT_mode and model options: `method: fastcut` alone is FastCUT, not CUT.
+    (tmp_path / "mine.yaml").write_text(f"method: {method}\nrun_dir: runs/mine\nlr: 0.001\n")
+    mine = load_config(TranslationConfig, tmp_path / "mine.yaml")
+    preset = load_config(TranslationConfig, preset_path(method))
+    differ = {f.name for f in fields(TranslationConfig) if getattr(mine, f.name) != getattr(preset, f.name)}
+    assert differ - {"data", "dir_a", "dir_b"} == {"run_dir", "lr"}  # what the file sets
+    assert mine.lr == 0.001 and (mine.data, mine.dir_a, mine.dir_b) == (None, None, None)  # no data from the preset
+    # --set method=... on the command line picks the defaults the same way
+    other = load_config(TranslationConfig, tmp_path / "mine.yaml", {"method": "cut"})
+    assert (other.lambda_NCE, other.nce_idt, other.n_epochs) == (1.0, True, 200)
 
 
 @pytest.mark.parametrize("overrides, key", [
@@ -396,6 +417,27 @@ def test_evaluate_run_reports_best_and_last_epoch(cut_run, data):
     assert "![FID and KID by step](scores.png)" in report
     chart = read_image(cut_run["dir"] / "eval" / "scores.png")  # a picture beside the table
     assert chart.shape[0] == 3 and min(chart.shape[1:]) > 100 and float(chart.std()) > 0.01
+
+
+def test_evaluate_run_resizes_both_sets_to_the_crop_size_as_the_official_test(cut_run, data):
+    # The official test script sets load_size = crop_size: every test image becomes 16 x 16 here
+    # (the run's crop_size) before the generator, and the FID compares those outputs with the real
+    # images at the same size. size=0 keeps the images' own 24 x 24.
+    seen = []
+
+    def features(x):
+        seen.append(tuple(x.shape[-2:]))
+        return colour_features(x)
+
+    for size, side in ((None, 16), (0, 24), (20, 20)):
+        seen.clear()
+        result = evaluate_run(cut_run["dir"], data["testB"], data["testA"], metric_fn=features, size=size)
+        assert set(seen) == {(side, side)}
+        outputs = list((cut_run["dir"] / "eval" / "epoch_1").glob("*.png"))
+        assert len(outputs) == 3 and {tuple(read_image(p).shape) for p in outputs} == {(3, side, side)}
+        assert (f"both resized to {side} x {side}" in Path(result["report"]).read_text()) == (size != 0)
+    with pytest.raises(ValueError, match="size: must be >= 5"):
+        evaluate_run(cut_run["dir"], data["testB"], data["testA"], metric_fn=features, size=3)
 
 
 def test_eval_cli_without_inception_weights_is_one_line_naming_the_file(cut_run, data, tmp_path, monkeypatch,

@@ -121,7 +121,9 @@ def from_dict(cls: Type[T], data: Mapping[str, Any], source: str = "config") -> 
 
 
 def load_config(cls: Type[T], path: str | os.PathLike | None = None, overrides: Mapping[str, Any] | None = None) -> T:
-    """Defaults of `cls`, updated by the YAML file at `path`, then by `overrides`."""
+    """Defaults of `cls`, updated by the YAML file at `path`, then by `overrides`. Where `cls` has a
+    ``method_defaults(method)`` classmethod, the defaults of the method the file or the overrides
+    name come first (:meth:`lowcon.translation.TranslationConfig.method_defaults`)."""
     data: dict = {}
     source = "defaults"
     if path is not None:
@@ -130,6 +132,9 @@ def load_config(cls: Type[T], path: str | os.PathLike | None = None, overrides: 
     if overrides:
         data.update(overrides)
         source += " + overrides"
+    method_defaults = getattr(cls, "method_defaults", None)
+    if method_defaults is not None and "method" in data:
+        data = {**method_defaults(data["method"]), **data}
     return from_dict(cls, data, source)
 
 

@@ -32,9 +32,10 @@ from torch import Tensor, nn
 from torch.utils.data import Dataset, default_collate
 
 from lowcon import distributed
-from lowcon.config import ConfigError, first_line, from_dict, save_config, to_dict
+from lowcon.config import ConfigError, first_line, from_dict, read_yaml, save_config, to_dict
 from lowcon.data.io import (BadImageWarning, ImageReadError, check_on_error, list_images, read_image, report_bad_image,
                             write_image)
+from lowcon.data.transforms import resize
 from lowcon.data.unpaired import SingleImagePairDataset, UnpairedDataset, resolve_unpaired_root
 from lowcon.inference import auto_device, cpu_has_native_bf16
 from lowcon.methods.cut import CUT
@@ -92,7 +93,9 @@ class RenamedOutputWarning(UserWarning):
 
 @dataclass
 class TranslationConfig:
-    """Everything a translation run needs; the defaults are CUT's (``configs/cut.yaml``).
+    """Everything a translation run needs; the defaults are CUT's (``configs/cut.yaml``). A config
+    file loaded by :func:`lowcon.config.load_config` starts from its method's preset instead
+    (:meth:`method_defaults`).
 
     Data: ``data`` is a CycleGAN/CUT root with ``trainA``/``trainB`` (``phase`` picks the
     prefix); ``dir_a``/``dir_b`` name the two folders directly (any two folders). SinCUT takes
@@ -205,6 +208,19 @@ class TranslationConfig:
     @property
     def is_cut(self) -> bool:
         return self.method in CUT_FAMILY
+
+    @classmethod
+    def method_defaults(cls, method: object) -> dict:
+        """The keys of `method`'s shipped preset (``configs/<method>.yaml``) but its data location:
+        what :func:`lowcon.config.load_config` starts a config file from, so that a file that names
+        only its method (``method: fastcut``) trains that method's official defaults, as the
+        official code's ``--CUT_mode`` and model options do. {} for an unknown method."""
+        from lowcon.config import PRESET_DIR, read_yaml
+
+        if method not in METHODS:
+            return {}
+        preset = read_yaml(PRESET_DIR / f"{method}.yaml")
+        return {k: v for k, v in preset.items() if k not in ("data", "dir_a", "dir_b")}
 
     def validate(self) -> None:
         """Raise ValueError (one line, naming the key) on a bad value or combination."""
@@ -410,7 +426,7 @@ def build_method(cfg: TranslationConfig, steps_per_epoch: int, device: Union[str
                         pool_size=cfg.pool_size, **common)
     return CUT(
         build_generator(cfg).to(device), build_discriminator(cfg).to(device), netF_nc=cfg.netF_nc,
-        init_gain=cfg.init_gain, lambda_GAN=cfg.lambda_GAN,
+        init_gain=cfg.init_gain, init_type=cfg.init_type, lambda_GAN=cfg.lambda_GAN,
         lambda_NCE=cfg.lambda_NCE, nce_idt=cfg.nce_idt, nce_layers=cfg.nce_layers, num_patches=cfg.num_patches,
         nce_T=cfg.nce_T, nce_negatives=cfg.nce_negatives, flip_equivariance=cfg.flip_equivariance,
         lambda_R1=cfg.lambda_R1, lambda_identity=cfg.lambda_identity, **common,
@@ -657,6 +673,7 @@ def translate_paths(
     *,
     method: Optional[str] = None,
     progress: bool = False,
+    size: Optional[int] = None,
 ) -> list[Path]:
     """Translate image files and folders with a trained generator; write ``out_dir/<stem>.png``.
 
@@ -668,7 +685,9 @@ def translate_paths(
     by default freed memory is kept for the next image instead of being faulted in again. Batches
     of more than ``BANDS_FROM_PIXELS`` pixels run through the generator in bands of rows
     (``forward_in_bands`` of the ResNet and StyleGAN2 generators: the same output in less
-    memory). `progress` shows a bar over the images.
+    memory). `progress` shows a bar over the images. `size`: resize every input to size x size
+    first (bicubic, antialiased), as the official test script does (``load_size = crop_size``); the
+    outputs then have that size.
 
     Returns:
         the written paths, in input order.
@@ -707,6 +726,8 @@ def translate_paths(
         except ImageReadError as err:
             report_bad_image(err, on_error)
             continue
+        if size:
+            image = resize(image, size)
         if pending and (image.shape != pending[0][0].shape or len(pending) == batch_size):
             flush()
         pending.append((image, target))
@@ -804,9 +825,20 @@ def _epoch_entries(run_dir: Path) -> list[tuple[str, int, Path]]:
     return entries
 
 
-def _load_folder(folder: Path, limit: Optional[int] = None) -> list[Tensor]:
+def _load_folder(folder: Path, limit: Optional[int] = None, size: Optional[int] = None) -> list[Tensor]:
     paths = list_images(folder)[:limit]
-    return [read_image(p) for p in paths]
+    return [resize(read_image(p), size) if size else read_image(p) for p in paths]
+
+
+def _test_size(run_dir: Path) -> Optional[int]:
+    """The side the official test script gives a run's test images: its crop_size (``load_size =
+    crop_size``, resize_and_crop), or None (the image's own size) for SinCUT, whose test loads
+    whole images (preprocess none), and for runs trained without resizing."""
+    saved = run_dir / "config.yaml"
+    cfg = read_yaml(saved) if saved.is_file() else {}
+    if cfg.get("method") == "sincut" or cfg.get("preprocess", "resize_and_crop") == "none":
+        return None
+    return int(cfg.get("crop_size", 256))
 
 
 def evaluate_run(
@@ -820,13 +852,16 @@ def evaluate_run(
     direction: str = "AtoB",
     batch_size: int = 1,
     allow_download: bool = False,
+    size: Optional[int] = None,
 ) -> dict:
     """FID and KID of every saved epoch of a run, with the best and the last epoch named apart.
 
     Translates `test_dir` with each ``epochs/epoch_XXX.pt`` (and ``last.pt`` when it is newer)
     into ``run_dir/eval/<epoch>/``, scores it against `real_dir` (the target domain's test
     images) and writes ``eval/scores.csv``, ``eval/scores.png`` (FID and KID against the step)
-    and ``eval/report.md``.
+    and ``eval/report.md``. As the official protocol: the test images and the real ones are
+    resized to crop_size x crop_size first (the official test script's ``load_size =
+    crop_size``; the FID compares its saved ``fake_B`` and ``real_B``); SinCUT's stay whole.
 
     Args:
         inception_weights: the FID Inception file (see :func:`lowcon.metrics.fid.load_inception`).
@@ -834,27 +869,34 @@ def evaluate_run(
             Inception (tests pass a tiny one).
         allow_download: without a local Inception file, download torch-fidelity's into its cache
             (a connected machine; off by default, so that an offline one fails at once).
+        size: the side both image sets are resized to; None: the run's crop_size (the image's own
+            size for SinCUT); 0: every image at its own size.
 
     Returns:
         {"rows": [{"label", "step", "fid", "kid_mean", "kid_std", "warnings"}...], "best": row
         with the lowest FID, "last": the newest row, "csv": path, "report": path}.
     """
-    from lowcon.metrics.fid import compute_fid_kid, load_inception
+    from lowcon.metrics.fid import compute_fid_kid, iter_image_folder, load_inception
     from lowcon.report import markdown_table, plot_curves, write_text_atomic
 
     run_dir, real_dir, test_dir = Path(run_dir), Path(real_dir), Path(test_dir)
     entries = _epoch_entries(run_dir)
     if metric_fn is None:
         metric_fn = load_inception(inception_weights, device=device, allow_download=allow_download)
-    inputs = _load_folder(test_dir)
-    targets = _load_folder(real_dir, limit=64)
+    size = _test_size(run_dir) if size is None else (size or None)
+    if size is not None and size < 5:
+        raise ValueError(f"size: must be >= 5 px (or 0 for the images' own sizes), got {size}")
+    inputs = _load_folder(test_dir, size=size)
+    targets = _load_folder(real_dir, limit=64, size=size)
+    real = real_dir if size is None else [resize(x, size) for x in iter_image_folder(real_dir)]
     rows = []
     for label, step, path in entries:
         out = run_dir / "eval" / label.split(" (")[0].replace(" ", "_")
         for stale in out.glob("*.png") if out.is_dir() else []:  # our own outputs of an earlier evaluation
             stale.unlink()
-        written = translate_paths([test_dir], out, path, device=device, batch_size=batch_size, direction=direction)
-        scores = compute_fid_kid(real_dir, out, metric_fn, device=device)
+        written = translate_paths([test_dir], out, path, device=device, batch_size=batch_size, direction=direction,
+                                  size=size)
+        scores = compute_fid_kid(real, out, metric_fn, device=device)
         outputs = [read_image(p) for p in written]
         found = collapse_check(inputs, outputs, targets=targets) if len(outputs) == len(inputs) else []
         for message in found:
@@ -879,7 +921,9 @@ def evaluate_run(
     )
     report = "\n".join([
         f"# Evaluation of {run_dir}", "",
-        f"Test images: {test_dir} ({len(inputs)}), real target images: {real_dir}.", "",
+        f"Test images: {test_dir} ({len(inputs)}), real target images: {real_dir}; "
+        + (f"both resized to {size} x {size} (bicubic), as the official test." if size else "at their own sizes.")
+        + "", "",
         f"- **Best epoch** (lowest FID, what papers report): {best['label']}: FID {best['fid']:.2f}, "
         f"KID x 1000 {1000 * best['kid_mean']:.2f}",
         f"- **Last epoch** (what a finished run gives you): {last['label']}: FID {last['fid']:.2f}, "

@@ -102,3 +102,18 @@ def test_no_mlp_only_normalises():
     assert torch.allclose(PatchProjector(use_mlp=False)([x])[0], l2_normalize(x))
     with pytest.raises(ValueError, match="feats"):
         PatchProjector()([torch.randn(4, 3)])
+
+
+@pytest.mark.parametrize("init_type, std", [
+    ("xavier", lambda fan_in, fan_out: 0.02 * (2.0 / (fan_in + fan_out)) ** 0.5),  # Glorot normal with gain
+    ("normal", lambda fan_in, fan_out: 0.02),                                        # N(0, 0.02)
+])
+def test_projector_init_follows_init_type(init_type, std):
+    # As the official define_F: the head is initialised with --init_type and --init_gain.
+    head = PatchProjector(dim=256, in_channels=[512], init_type=init_type)
+    for layer in (head.mlps[0][0], head.mlps[0][2]):
+        fan_out, fan_in = layer.weight.shape
+        weight = layer.weight.detach()
+        assert float(weight.std()) == pytest.approx(std(fan_in, fan_out), rel=0.02)
+        assert float(weight.mean()) == pytest.approx(0.0, abs=0.05 * std(fan_in, fan_out))
+        assert torch.all(layer.bias == 0)

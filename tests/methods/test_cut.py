@@ -185,16 +185,31 @@ def test_schedule_is_constant_then_linear_to_zero_and_marks_epoch_ends():
     for step in range(10):
         seen.append([group["lr"] for name in ("G", "D", "F") for group in cut.optimizers[name].param_groups])
         cut.train_step({"A": images(step), "B": images(100 + step)})
-    # Official rule per step: 1 for 4 steps, then 1 - (t + 1 - 4) / (6 + 1).
-    expected = [1.0] * 4 + [1 - k / 7 for k in range(1, 7)]
-    for lrs, factor in zip(seen, expected):
-        assert lrs == pytest.approx([1e-3 * factor] * 3)
-    decay = [row[0] for row in seen[3:]]
-    steps = [decay[i] - decay[i + 1] for i in range(len(decay) - 1)]
-    assert steps == pytest.approx([1e-3 / 7] * len(steps))
-    assert all(group["lr"] == 0.0 for group in cut.optimizers["G"].param_groups)
+    # The official code: torch's LambdaLR with its rule, stepped at the end of every epoch
+    # (models/networks.py get_scheduler, train.py), epoch_count 1.
+    probe = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1e-3)
+    official = torch.optim.lr_scheduler.LambdaLR(probe, lambda epoch: 1.0 - max(0, epoch + 1 - 2) / float(3 + 1))
+    expected = []
+    for step in range(10):
+        expected.append(probe.param_groups[0]["lr"])
+        probe.step()  # no gradients: changes nothing, keeps torch's order (optimiser, then scheduler)
+        if (step + 1) % 2 == 0:
+            official.step()
+    assert expected == pytest.approx([1e-3] * 4 + [7.5e-4] * 2 + [5e-4] * 2 + [2.5e-4] * 2)  # by hand
+    for lrs, lr in zip(seen, expected):
+        assert lrs == pytest.approx([lr] * 3)
+    assert all(group["lr"] == 0.0 for group in cut.optimizers["G"].param_groups)  # after the last epoch
     assert ended == [1, 2, 3, 4, 5]
     assert linear_decay_factor(0, 0, 1) == pytest.approx(0.5)
+
+
+def test_a_checkpoint_of_the_per_step_schedule_keeps_it():
+    # Checkpoints written before the lr changed once an epoch have no "every": they resume with the
+    # schedule they started with, 1 - (t + 1 - 4) / (6 + 1) at step t.
+    cut = tiny_cut(num_patches=4, n_epochs=2, n_epochs_decay=3, steps_per_epoch=2, lr=1e-3)
+    cut.schedulers["lr"].load_state_dict({"last_step": 5, "constant_steps": 4, "decay_steps": 6})
+    assert cut.optimizers["G"].param_groups[0]["lr"] == pytest.approx(1e-3 * (1 - 2 / 7))
+    assert cut.schedulers["lr"].state_dict()["every"] == 1
 
 
 def test_sincut_r1_penalty_and_identity_loss():

@@ -32,7 +32,8 @@ class PatchProjector(nn.Module):
         in_channels: channel count per layer; ``None`` to build lazily.
         use_mlp: ``False`` keeps the features as they are and only normalises (CUT's
             ``netF=sample`` option).
-        init_gain: std of the normal/xavier init applied on build (CUT: xavier, gain 0.02).
+        init_type, init_gain: the init applied on build (:func:`lowcon.models.init.init_weights`;
+            CUT: xavier, gain 0.02), as the official ``define_F`` initialises with ``--init_type``.
 
     Shape:
         list of (B, P, C_l) -> list of (B, P, dim), unit L2 norm along the last axis.
@@ -52,11 +53,13 @@ class PatchProjector(nn.Module):
         in_channels: Optional[Sequence[int]] = None,
         use_mlp: bool = True,
         init_gain: float = 0.02,
+        init_type: str = "xavier",
     ) -> None:
         super().__init__()
         self.dim = dim
         self.use_mlp = use_mlp
         self.init_gain = init_gain
+        self.init_type = init_type
         self.mlps = nn.ModuleList()
         self._built = not use_mlp
         if in_channels is not None and use_mlp:
@@ -70,13 +73,11 @@ class PatchProjector(nn.Module):
         """Create one MLP per layer for the given channel counts (once)."""
         if self._built:
             return
+        from lowcon.models.init import init_weights
+
         for c in in_channels:
             mlp = nn.Sequential(nn.Linear(int(c), self.dim), nn.ReLU(), nn.Linear(self.dim, self.dim))
-            for layer in mlp:
-                if isinstance(layer, nn.Linear):
-                    nn.init.xavier_normal_(layer.weight, gain=self.init_gain)
-                    nn.init.zeros_(layer.bias)
-            self.mlps.append(mlp.to(device=device, dtype=dtype))
+            self.mlps.append(init_weights(mlp, self.init_type, self.init_gain).to(device=device, dtype=dtype))
         self._built = True
 
     def forward(self, feats: Sequence[Tensor]) -> list[Tensor]:

@@ -188,17 +188,16 @@ class SingleImagePairDataset(Dataset):
     ``crop_size`` cells with a random offset, takes one cell and flips it with p = 0.5; the same
     for B with its own draws. One zoom and one grid offset are shared by each block of
     ``batch_size`` consecutive indices, and the cells within a block are distinct (a random
-    permutation), so a batch read in order has one scale and no repeated patch: PatchNCE then
-    finds its negatives in other places of the image.
+    permutation). The trainer reads the indices shuffled, as the official loader does, so a
+    batch mixes the zooms and places of several blocks, as the official batches do.
 
     Official facts (``singleimage_dataset.py``, ``sincut_model.py``, ``base_dataset.py``):
     ``preprocess="zoom_and_patch"``, crop 64, batch 16, zoom per axis uniform in
     [1 / random_scale_max, 1] with random_scale_max = 3, bilinear resize, a fixed length of
-    100,000. What differs here: the official code draws the zooms per block of batch_size
-    indices but its loader shuffles the indices (so a shuffled batch mixes zooms); it assigns
-    cells from one shuffled list over all indices and draws a new grid offset per patch; it
-    rounds sides to multiples of 4 (a no-op for crop 64); its data are in [-1, 1]. Here every draw
-    comes from (seed, epoch, block or index), and data are in [0, 1].
+    100,000. The official code also draws the zooms per block of batch_size indices. What
+    differs here: it assigns cells from one shuffled list over all indices and draws a new grid
+    offset per patch; it rounds sides to multiples of 4 (a no-op for crop 64); its data are in
+    [-1, 1]. Here every draw comes from (seed, epoch, block or index), and data are in [0, 1].
 
     Args:
         path_a: the source image.

@@ -45,11 +45,11 @@ DIRECTIONS = ("AtoB", "BtoA")
 
 
 def linear_decay_factor(step: int, constant_steps: int, decay_steps: int) -> float:
-    """Learning-rate factor of step `step` (0-based): 1 for `constant_steps`, then linear to 0.
+    """Learning-rate factor of period `step` (0-based): 1 for `constant_steps`, then linear to 0.
 
-    The official rule ``1 - max(0, epoch + 1 - n_epochs) / (n_epochs_decay + 1)`` with steps in
-    place of epochs: the last step runs at 1 / (decay_steps + 1) and the factor reaches 0 right
-    after it.
+    The official rule ``1 - max(0, epoch + 1 - n_epochs) / (n_epochs_decay + 1)``, in whatever
+    period is counted (epochs, as :class:`LinearDecaySchedule` does for the translation methods,
+    or steps): the last period runs at 1 / (decay_steps + 1) and the factor reaches 0 right after.
     """
     return max(0.0, 1.0 - max(0, step + 1 - constant_steps) / float(decay_steps + 1))
 
@@ -57,23 +57,42 @@ def linear_decay_factor(step: int, constant_steps: int, decay_steps: int) -> flo
 class LinearDecaySchedule:
     """Sets the lr of every param group of several optimisers from the number of steps done.
 
+    With `every` = the steps of an epoch the lr changes once an epoch, as the official code's
+    scheduler (stepped at the end of each epoch) changes it: epoch e (0-based) runs at
+    ``linear_decay_factor(e, n_epochs, n_epochs_decay)``. With `every` = 1 it changes every step.
     Works with optimisers whose parameters appear late (:class:`DeferredOptimizer`): the lr is
-    written on every step, never accumulated. ``state_dict`` holds the step count only.
+    written on every step, never accumulated. ``state_dict`` holds the step count and the shape.
+
+    Example:
+        >>> opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0)
+        >>> sched = LinearDecaySchedule([opt], 1.0, constant_steps=2 * 3, decay_steps=2 * 3, every=3)
+        >>> lrs = []
+        >>> for _ in range(12):
+        ...     lrs.append(round(opt.param_groups[0]["lr"], 4))
+        ...     sched.step()
+        >>> lrs  # 2 + 2 epochs of 3 steps: the decay epochs at 1 - 1/3 and 1 - 2/3
+        [1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 0.6667, 0.6667, 0.6667, 0.3333, 0.3333, 0.3333]
     """
 
-    def __init__(self, optimizers: Iterable, base_lr: float, constant_steps: int, decay_steps: int) -> None:
+    def __init__(self, optimizers: Iterable, base_lr: float, constant_steps: int, decay_steps: int,
+                 every: int = 1) -> None:
         if constant_steps < 0 or decay_steps < 0:
             raise ValueError(f"constant_steps, decay_steps: must be >= 0, got {constant_steps}, {decay_steps}")
+        if every < 1 or constant_steps % every or decay_steps % every:
+            raise ValueError(f"every: must be >= 1 and divide constant_steps and decay_steps, got {every} for "
+                             f"{constant_steps} and {decay_steps}")
         self.optimizers = list(optimizers)
         self.base_lr = float(base_lr)
         self.constant_steps = int(constant_steps)
         self.decay_steps = int(decay_steps)
+        self.every = int(every)
         self.last_step = 0
         self.apply()
 
     @property
     def factor(self) -> float:
-        return linear_decay_factor(self.last_step, self.constant_steps, self.decay_steps)
+        e = self.every
+        return linear_decay_factor(self.last_step // e, self.constant_steps // e, self.decay_steps // e)
 
     def apply(self) -> None:
         lr = self.base_lr * self.factor
@@ -89,7 +108,8 @@ class LinearDecaySchedule:
         return [self.base_lr * self.factor]
 
     def state_dict(self) -> dict:
-        return {"last_step": self.last_step, "constant_steps": self.constant_steps, "decay_steps": self.decay_steps}
+        return {"last_step": self.last_step, "constant_steps": self.constant_steps, "decay_steps": self.decay_steps,
+                "every": self.every}
 
     def load_state_dict(self, state: dict) -> None:
         if (state["constant_steps"], state["decay_steps"]) != (self.constant_steps, self.decay_steps):
@@ -99,6 +119,9 @@ class LinearDecaySchedule:
                 f"{self.decay_steps} (changed epochs, batch size or data?)"
             )
         self.last_step = int(state["last_step"])
+        # A run keeps the schedule it started with: checkpoints written before the lr changed once an
+        # epoch (lowcon 0.1.0 until 2026-12-07) have no "every" and changed it every step.
+        self.every = int(state.get("every", 1))
         self.apply()
 
 
@@ -109,7 +132,8 @@ def set_requires_grad(nets: nn.Module | Sequence[nn.Module], flag: bool) -> None
 
 
 class TranslationMethod(Method):
-    """What CUT and CycleGAN share: [0, 1] <-> [-1, 1], direction, the step-based linear schedule,
+    """What CUT and CycleGAN share: [0, 1] <-> [-1, 1], direction, the linear schedule (changed
+    once an epoch),
     and hooks the pipeline uses to save epoch weights and check samples.
 
     Hooks: ``epoch_end_hooks`` are called with the 1-based number of each epoch just finished;
@@ -149,6 +173,7 @@ class TranslationMethod(Method):
         self.schedulers["lr"] = LinearDecaySchedule(
             self.optimizers.values(), self.lr,
             self.n_epochs * self.steps_per_epoch, self.n_epochs_decay * self.steps_per_epoch,
+            every=self.steps_per_epoch,  # once an epoch, as the official code
         )
 
     def _finish_step(self) -> None:
@@ -218,7 +243,7 @@ class CUT(TranslationMethod):
         lr, betas: Adam for G, D and the head (2e-4, (0.5, 0.999)).
         n_epochs, n_epochs_decay, steps_per_epoch: the linear schedule.
         direction: "AtoB" translates batch["A"] to look like batch["B"]; "BtoA" swaps them.
-        netF_nc, init_gain: width and init gain of the default projection head.
+        netF_nc, init_gain, init_type: width and init of the default projection head.
 
     Example:
         >>> from lowcon.models.resnet_generator import ResnetGenerator
@@ -260,6 +285,7 @@ class CUT(TranslationMethod):
         direction: str = "AtoB",
         netF_nc: int = 256,
         init_gain: float = 0.02,
+        init_type: str = "xavier",
         autocast_dtype: Optional[torch.dtype] = None,
     ) -> None:
         super().__init__(lr=lr, n_epochs=n_epochs, n_epochs_decay=n_epochs_decay,
@@ -279,7 +305,7 @@ class CUT(TranslationMethod):
         self.nce_layers = tuple(nce_layers if nce_layers is not None else generator.nce_layers)
         if projector is None:
             channels = generator.feature_channels(self.nce_layers) if hasattr(generator, "feature_channels") else None
-            projector = PatchProjector(dim=netF_nc, in_channels=channels, init_gain=init_gain)
+            projector = PatchProjector(dim=netF_nc, in_channels=channels, init_gain=init_gain, init_type=init_type)
             projector.to(next(generator.parameters()).device)
         self.F = projector
         self.lambda_GAN, self.lambda_NCE = lambda_GAN, lambda_NCE
