@@ -1,4 +1,5 @@
 """The translation pipeline: configs, exact resume, translate, checkpoint errors, evaluation, collapse."""
+import io
 import shutil
 import subprocess
 import sys
@@ -18,7 +19,7 @@ from lowcon.data.io import BadImageWarning, ImageReadError, read_image
 from lowcon.models.fused import fused_step
 from lowcon.models.resnet_generator import ResnetGenerator
 from lowcon.models.winograd import WinogradConv2d
-from lowcon.training.checkpoint import CheckpointError
+from lowcon.training.checkpoint import CheckpointError, load_checkpoint
 from lowcon.translation import (
     CollapseWarning,
     TranslationConfig,
@@ -567,6 +568,96 @@ def test_cli_train_resumes_a_run_made_with_overrides_and_takes_steps(data, tmp_p
     code, _, err = _cli(capsys, "train", "cut", "--data", data["root"], "--run-dir", run, *tiny)
     _one_error_line(code, err, f"{run}: holds a run already")
     assert (run / "last.pt").read_bytes() == before  # nothing lost
+
+
+def test_cli_bad_devices_are_one_line_errors(cut_run, data, tmp_path, capsys):
+    checkpoint = cut_run["dir"] / "last.pt"
+    code, _, err = _cli(capsys, "translate", data["testA"], "-o", tmp_path / "o1", "--checkpoint", checkpoint,
+                        "--device", "banana")
+    _one_error_line(code, err, "device: expected auto, cpu, cuda or cuda:N, got 'banana'")
+    if not torch.cuda.is_available():
+        code, _, err = _cli(capsys, "translate", data["testA"], "-o", tmp_path / "o2", "--checkpoint", checkpoint,
+                            "--device", "cuda")
+        _one_error_line(code, err, "device 'cuda': no CUDA GPU is available here")
+        code, _, err = _cli(capsys, "eval", "--run", cut_run["dir"], "--real", data["testB"], "--test", data["testA"],
+                            "--device", "cuda")
+        _one_error_line(code, err, "device 'cuda': no CUDA GPU is available here")
+    assert not (tmp_path / "o1").exists() and not (tmp_path / "o2").exists()
+
+
+def test_cli_sigterm_stops_translate_without_leaving_temporary_files(cut_run, data, tmp_path, capsys, monkeypatch):
+    # SIGTERM while the second PNG is being written: the command exits with 128 + 15, the first
+    # PNG is whole, and no hidden temporary file is left (the CLI turns SIGTERM into an exception
+    # that unwinds like Ctrl-C).
+    import os
+    import signal
+
+    from PIL import Image as PILImage
+
+    real_save, calls = PILImage.Image.save, []
+
+    def save(self, fp, *args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real_save(self, fp, *args, **kwargs)
+
+    monkeypatch.setattr(PILImage.Image, "save", save)
+    out = tmp_path / "out"
+    code, _, err = _cli(capsys, "translate", data["testA"], "-o", out, "--checkpoint", cut_run["dir"] / "last.pt")
+    assert code == 128 + signal.SIGTERM and "lowcon: terminated (SIGTERM)" in err
+    assert sorted(p.name for p in out.iterdir()) == [sorted(p.stem for p in Path(data["testA"]).iterdir())[0] + ".png"]
+    assert read_image(next(out.iterdir())).shape == (3, 24, 24)
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # put back
+
+
+def test_cli_sigterm_stops_training_after_the_step_with_a_checkpoint(data, tmp_path, capsys, monkeypatch):
+    import os
+    import signal
+
+    from lowcon.methods.cut import CUT
+
+    real_step, calls = CUT.train_step, []
+
+    def step(self, batch):
+        calls.append(1)
+        if len(calls) == 2:
+            os.kill(os.getpid(), signal.SIGTERM)  # in the middle of step 2
+        return real_step(self, batch)
+
+    monkeypatch.setattr(CUT, "train_step", step)
+    run = tmp_path / "run"
+    tiny = [a for kv in TINY_SET for a in ("--set", kv)]
+    code, _, err = _cli(capsys, "train", "cut", "--data", data["root"], "--run-dir", run, "--steps", 5, "--quiet",
+                        *tiny)
+    assert code == 128 + signal.SIGTERM and "stopped by SIGTERM at step 2 of 5" in err  # not 0: not finished
+    assert load_checkpoint(run / "last.pt")["step"] == 2
+    assert (run / "train.log").read_text().splitlines()[-1].endswith(
+        "stopped by SIGTERM at step 2 of 5 (resume with --resume)")
+    assert [line.split(",")[0] for line in (run / "log.csv").read_text().splitlines()[1:]] == ["1", "2"]
+
+
+def test_cli_a_training_folder_of_only_undecodable_images_is_one_line(data, tmp_path, capsys):
+    # A truncated JPEG passes the listing and fails only when decoded, in the data loader.
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    buffer = io.BytesIO()
+    noise = (np.random.default_rng(0).random((64, 64, 3)) * 255).astype(np.uint8)
+    Image.fromarray(noise).save(buffer, format="JPEG")
+    (bad / "cut.jpg").write_bytes(buffer.getvalue()[:len(buffer.getvalue()) * 7 // 10])
+    tiny = [a for kv in TINY_SET for a in ("--set", kv) if not kv.startswith("batch_size")]
+    code, _, err = _cli(capsys, "train", "cut", "--set", f"dir_a={bad}", "--set", f"dir_b={data['trainB']}",
+                        "--set", "batch_size=1", "--run-dir", tmp_path / "r", "--steps", 1, "--quiet", *tiny)
+    assert code == 2 and err.strip().splitlines()[-1] == f"lowcon: error: {bad}: no readable images (every one failed to load)"
+
+
+def test_translate_skips_an_empty_folder_among_the_inputs(cut_run, data, tmp_path, capsys):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    code, _, err = _cli(capsys, "translate", empty, data["testA"], "-o", tmp_path / "out", "--checkpoint",
+                        cut_run["dir"] / "last.pt", "--quiet")
+    assert code == 0 and f"{empty}: no images found" in err
+    assert len(list((tmp_path / "out").glob("*.png"))) == 3
 
 
 def test_cli_bad_paths_are_one_line_errors(cut_run, data, tmp_path, capsys):

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 import warnings
 from pathlib import Path
@@ -388,8 +389,17 @@ def main(argv=None) -> int:
     from .contrast.embeddings import WeightsNotFoundError
     from .training import CheckpointError, TrainingDiverged
 
+    from .training import Terminated
+
+    def terminate(signum, frame):  # SIGTERM unwinds like Ctrl-C: temporary files are removed
+        raise Terminated("SIGTERM")
+
     previous_format, warnings.formatwarning = warnings.formatwarning, _one_line_warning
     previous_show, warnings.showwarning = warnings.showwarning, _show_warning
+    try:
+        previous_term = signal.signal(signal.SIGTERM, terminate)
+    except ValueError:  # not the main thread: leave SIGTERM as it is
+        previous_term = None
     try:
         return args.func(args)
     except (ConfigError, CheckpointError, WeightsNotFoundError, TrainingDiverged, ValueError, OSError,
@@ -399,8 +409,13 @@ def main(argv=None) -> int:
     except KeyboardInterrupt:
         print("lowcon: interrupted", file=sys.stderr)
         return 130
+    except Terminated:
+        print("lowcon: terminated (SIGTERM)", file=sys.stderr)
+        return 128 + signal.SIGTERM
     finally:
         warnings.formatwarning, warnings.showwarning = previous_format, previous_show
+        if previous_term is not None:
+            signal.signal(signal.SIGTERM, previous_term)
 
 
 if __name__ == "__main__":

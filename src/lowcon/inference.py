@@ -9,10 +9,20 @@ __all__ = ["pad_to_multiple", "run_padded", "run_tiled", "auto_device", "cpu_fla
 
 
 def auto_device(name: str = "auto") -> torch.device:
-    """"auto" picks CUDA when present, else the CPU; any other name is passed to torch."""
+    """"auto" picks CUDA when present, else the CPU; any other name is passed to torch. A name torch
+    does not know, or a CUDA device this machine does not have, is a one-line ValueError."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+    try:
+        device = torch.device(name)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"device: expected auto, cpu, cuda or cuda:N, got {name!r}") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"device {name!r}: no CUDA GPU is available here; use cpu (or auto)")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise ValueError(f"device {name!r}: this machine has {torch.cuda.device_count()} CUDA GPU(s)")
+    return device
 
 
 def cpu_flags() -> set[str]:

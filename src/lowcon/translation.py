@@ -53,7 +53,7 @@ from lowcon.models.stylegan2 import (
     stylegan2_resolution,
 )
 from lowcon.training.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
-from lowcon.training.loop import Trainer
+from lowcon.training.loop import Terminated, Trainer
 from lowcon.training.memory import check_allocator_settings, configure_allocator
 
 __all__ = [
@@ -555,7 +555,13 @@ def train_translation(cfg: TranslationConfig, resume: bool = False, progress: bo
         sample_batch=_sample_batch(dataset) if cfg.sample_every and main else None,
     )
     with distributed.leaving():
-        done = trainer.fit(resume=resume)
+        try:
+            done = trainer.fit(resume=resume)
+        except (KeyboardInterrupt, Terminated) as stop:
+            if main:
+                how = "SIGTERM" if isinstance(stop, Terminated) else "Ctrl-C"
+                _log_line(run_dir, f"stopped by {how} at step {trainer.step} of {steps} (resume with --resume)")
+            raise
         if main:
             _log_line(run_dir, f"stopped at step {trainer.step} of {steps}" if done["trained"] else
                       f"nothing to train: at step {trainer.step} already, the run asks for {steps}")
@@ -616,11 +622,16 @@ def _expand_inputs(inputs: Sequence[PathLike], on_error: str) -> list[Path]:
     for item in inputs:
         path = Path(item)
         if path.is_dir():
-            files.extend(list_images(path))
+            try:
+                files.extend(list_images(path))
+            except FileNotFoundError as err:  # an empty folder: skipped like a missing file
+                report_bad_image(ImageReadError(path, str(err).split(": ", 1)[-1]), on_error)
         elif path.is_file():
             files.append(path)
         else:
-            report_bad_image(ImageReadError(path, "no such file or folder"), on_error)
+            problem = ("a broken or looping symbolic link" if path.is_symlink() else
+                       "not a regular file or folder" if os.path.lexists(path) else "no such file or folder")
+            report_bad_image(ImageReadError(path, problem), on_error)
     return files
 
 
@@ -880,6 +891,7 @@ def evaluate_run(
     from lowcon.report import markdown_table, plot_curves, write_text_atomic
 
     run_dir, real_dir, test_dir = Path(run_dir), Path(real_dir), Path(test_dir)
+    device = auto_device(device) if isinstance(device, str) else device
     entries = _epoch_entries(run_dir)
     if metric_fn is None:
         metric_fn = load_inception(inception_weights, device=device, allow_download=allow_download)

@@ -7,7 +7,7 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from lowcon.methods.base import Method
-from lowcon.training import CheckpointError, Trainer, TrainingDiverged, epoch_order, load_checkpoint
+from lowcon.training import CheckpointError, Terminated, Trainer, TrainingDiverged, epoch_order, load_checkpoint
 
 
 class Noisy(Dataset):
@@ -146,7 +146,7 @@ def test_plot_curves_wraps_panels_into_rows(tmp_path):
 
 
 @pytest.mark.parametrize("signals, raises, saved_step", [
-    (["SIGTERM"], None, 3),                      # a scheduler's kill: the step finishes, is saved, the run returns
+    (["SIGTERM"], Terminated, 3),                # a scheduler's kill: the step finishes, is saved, then Terminated
     (["SIGINT"], KeyboardInterrupt, 3),          # Ctrl-C: the same, then KeyboardInterrupt
     (["SIGINT", "SIGINT"], KeyboardInterrupt, 2),  # Ctrl-C twice: stop at once, keep the last checkpoint
 ])
@@ -158,11 +158,8 @@ def test_a_signal_in_the_middle_of_a_step_never_saves_half_a_step(tmp_path, sign
     trainer.fit()
     method, trainer = make(tmp_path / "cut", 8)  # checkpoints every 2 steps
     method.mid_step = lambda call: [os.kill(os.getpid(), getattr(signal, name)) for name in signals] if call == 3 else None
-    if raises:
-        with pytest.raises(raises):
-            trainer.fit()
-    else:
-        assert trainer.fit()["step"] == 3
+    with pytest.raises(raises):
+        trainer.fit()
     assert load_checkpoint(tmp_path / "cut" / "last.pt")["step"] == saved_step
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the handlers are put back
     resumed, trainer = make(tmp_path / "cut", 8)
@@ -187,7 +184,9 @@ def test_a_stop_logs_the_steps_since_the_last_row(tmp_path):
     mse = dict(_logged(tmp_path / "full"))
     method, trainer = make(tmp_path / "cut", 8, log_every=5)
     method.mid_step = lambda call: os.kill(os.getpid(), signal.SIGTERM) if call == 3 else None
-    assert trainer.fit() == {"step": 3, "best": None, "run_dir": str(tmp_path / "cut"), "trained": 3}
+    with pytest.raises(Terminated, match="stopped by SIGTERM at step 3 of 8"):
+        trainer.fit()
+    assert load_checkpoint(tmp_path / "cut" / "last.pt")["step"] == 3
     _, trainer = make(tmp_path / "cut", 8, log_every=5)
     assert trainer.fit(resume=True)["trained"] == 5
     want = [(3, (mse[1] + mse[2] + mse[3]) / 3), (5, (mse[4] + mse[5]) / 2), (8, (mse[6] + mse[7] + mse[8]) / 3)]

@@ -163,7 +163,7 @@ class UnpairedDataset(Dataset):
                 return path, self._transform(path, generator)
             except ImageReadError as err:
                 report_bad_image(err, self.on_error)
-        raise RuntimeError(f"{paths[0].parent}: every image failed to load")
+        raise ValueError(f"{paths[0].parent}: no readable images (every one failed to load)")
 
     def __getitem__(self, index: int) -> dict:
         n = len(self)

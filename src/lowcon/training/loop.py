@@ -29,6 +29,12 @@ class TrainingDiverged(RuntimeError):
     """A loss became NaN or infinite; the last good checkpoint is kept."""
 
 
+class Terminated(Exception):
+    """The process was asked to stop by SIGTERM (a scheduler's kill, ``timeout``). A training run
+    raises it after finishing its step and saving ``last.pt``, so that the command exits with
+    128 + 15 rather than 0, as a stopped run is not a finished one."""
+
+
 def epoch_order(n: int, seed: int, epoch: int) -> torch.Tensor:
     """The permutation of `n` items for one epoch: a function of (seed, epoch) only."""
     g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
@@ -195,7 +201,8 @@ class Trainer:
         """Train until step ``steps`` (from the run's ``last.pt``, or `resume`'s path, when `resume`):
         a row of ``log.csv`` every ``log_every`` steps and at a stop, checkpoints, samples. Returns
         ``{"step", "best", "run_dir", "trained"}``, the last the steps this call ran (0 when the run
-        was at ``steps`` or past it already)."""
+        was at ``steps`` or past it already). Ctrl-C and SIGTERM stop it after the step under way
+        and save ``last.pt``; then it raises KeyboardInterrupt or :class:`Terminated`."""
         if resume:
             self.resume(None if resume is True else resume)
         main = self.rank == 0
@@ -289,6 +296,8 @@ class Trainer:
                       "(resume with --resume)", file=sys.stderr, flush=True)
             if asked["signal"] == signal.SIGINT and self.step < self.steps:
                 raise KeyboardInterrupt
+            if asked["signal"] == signal.SIGTERM and self.step < self.steps:
+                raise Terminated(f"stopped by SIGTERM at step {self.step} of {self.steps}")
         return {"step": self.step, "best": self.best, "run_dir": str(self.run_dir), "trained": self.step - first}
 
     def _run_validation(self, logger: MetricLogger) -> None:
