@@ -383,9 +383,15 @@ def test_checkpoints_of_another_method_version_or_damaged_are_clear_errors(cut_r
 
     damaged = tmp_path / "damaged.pt"
     damaged.write_bytes((cut_run["dir"] / "last.pt").read_bytes()[:2000])
-    with pytest.raises(CheckpointError, match="not a readable checkpoint"):
+    with pytest.raises(CheckpointError, match="not a readable checkpoint") as err:
         load_translator(damaged)
+    assert str(err.value).endswith("failed finding central directory)")  # torch's reason, whole, one line
     state = torch.load(cut_run["dir"] / "last.pt", weights_only=False)
+    wider = {**state, "config": {**state["config"], "ngf": state["config"]["ngf"] * 2}}
+    torch.save(wider, tmp_path / "wider.pt")
+    with pytest.raises(CheckpointError, match=r"do not fit the configured generator \(size mismatch for ") as err:
+        load_translator(tmp_path / "wider.pt")
+    assert "\n" not in str(err.value)
     state["config"]["option_of_a_later_lowcon"] = 1
     torch.save(state, tmp_path / "other_version.pt")
     with pytest.raises(CheckpointError, match="another lowcon version"):

@@ -611,9 +611,9 @@ def load_translator(
     generator = _generator_network(cfg)  # a saved config without netG (older lowcon) gets the resnet default
     try:
         generator.load_state_dict(weights[key])
-    except RuntimeError as err:
-        raise CheckpointError(
-            f"{path}: {key} weights do not fit the configured generator ({first_line(err)})") from None
+    except RuntimeError as err:  # torch's first line only says "Error(s) in loading state_dict for ...:"
+        detail = next((line.strip() for line in str(err).splitlines()[1:] if line.strip()), first_line(err))
+        raise CheckpointError(f"{path}: {key} weights do not fit the configured generator ({detail})") from None
     return generator.to(device).eval(), cfg
 
 

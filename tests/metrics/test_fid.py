@@ -172,8 +172,10 @@ def test_load_inception_without_weights_fails_fast_with_clear_error(tmp_path, mo
     assert INCEPTION_WEIGHTS_FILENAME in message
     assert "--inception-weights" in message
     assert str(tmp_path / "empty_torch_home" / "hub" / "checkpoints") in message
-    with pytest.raises(WeightsNotFoundError, match="missing.pth"):
+    with pytest.raises(WeightsNotFoundError, match="missing.pth: not found"):
         load_inception(tmp_path / "missing.pth")
+    with pytest.raises(WeightsNotFoundError, match="is a folder, not a weights file"):
+        load_inception(tmp_path)
     (tmp_path / "real").mkdir()
     with pytest.raises(WeightsNotFoundError, match=INCEPTION_WEIGHTS_FILENAME):
         folder_fid_kid(tmp_path / "real", tmp_path / "real")

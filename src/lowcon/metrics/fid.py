@@ -341,9 +341,8 @@ def find_inception_weights(
     if weights_path is not None:
         path = Path(weights_path).expanduser()
         if not path.is_file():
-            raise WeightsNotFoundError(
-                _missing_weights_message(f"Inception weights not found at {path}")
-            )
+            problem = "is a folder, not a weights file" if path.is_dir() else "not found"
+            raise WeightsNotFoundError(_missing_weights_message(f"Inception weights {path}: {problem}"))
         return path
     for filename in (INCEPTION_WEIGHTS_FILENAME, PYTORCH_FID_WEIGHTS_FILENAME):
         cached = _hub_checkpoint_dir() / filename

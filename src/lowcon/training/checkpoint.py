@@ -47,7 +47,7 @@ def load_checkpoint(path: str | os.PathLike, method: str | None = None, map_loca
         state = torch.load(path, map_location=map_location, weights_only=False)
     except Exception as err:  # torch raises many types for a damaged file
         raise CheckpointError(f"{path}: not a readable checkpoint, damaged or not written by torch.save "
-                              f"(torch: {first_line(err)[:120]})") from None
+                              f"(torch: {first_line(err).split('. ')[0].rstrip('.')})") from None
     if not isinstance(state, dict) or "lowcon_checkpoint" not in state:
         raise CheckpointError(f"{path}: not a lowcon checkpoint")
     if state["lowcon_checkpoint"] > FORMAT_VERSION:
