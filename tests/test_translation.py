@@ -447,6 +447,24 @@ def test_evaluate_run_resizes_both_sets_to_the_crop_size_as_the_official_test(cu
         evaluate_run(cut_run["dir"], data["testB"], data["testA"], metric_fn=features, size=3)
 
 
+def test_evaluate_run_leaves_out_unreadable_images_or_stops(cut_run, data, tmp_path):
+    test_dir, real_dir = tmp_path / "testA", tmp_path / "testB"
+    shutil.copytree(data["testA"], test_dir)
+    shutil.copytree(data["testB"], real_dir)
+    (test_dir / "broken.png").write_text("not an image")
+    (real_dir / "broken.jpg").write_bytes(b"")
+    with pytest.warns(BadImageWarning) as caught:
+        result = evaluate_run(cut_run["dir"], real_dir, test_dir, metric_fn=colour_features)
+    reported = sorted(str(w.message) for w in caught if issubclass(w.category, BadImageWarning))
+    assert len(reported) == 2  # once each
+    assert str(test_dir / "broken.png") in reported[0] and str(real_dir / "broken.jpg") in reported[1]
+    clean = evaluate_run(cut_run["dir"], data["testB"], data["testA"], metric_fn=colour_features)
+    assert [r["fid"] for r in result["rows"]] == pytest.approx([r["fid"] for r in clean["rows"]])  # left out
+    assert len(list((cut_run["dir"] / "eval" / "epoch_1").glob("*.png"))) == 3
+    with pytest.raises(ImageReadError, match="broken"):
+        evaluate_run(cut_run["dir"], real_dir, test_dir, metric_fn=colour_features, on_error="raise")
+
+
 def test_eval_cli_without_inception_weights_is_one_line_naming_the_file(cut_run, data, tmp_path, monkeypatch,
                                                                       capsys):
     from lowcon.cli import main

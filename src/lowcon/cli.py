@@ -101,7 +101,7 @@ def cmd_eval(args) -> int:
             raise ValueError("eval --run: also give --real (target-domain images) and --test (source images)")
         _restart(args, malloc_tcache=True, brief_openmp_spin=True)
         result = evaluate_run(args.run, args.real, args.test, inception_weights=args.inception_weights, device=args.device,
-                              allow_download=args.download_inception, size=args.size)
+                              allow_download=args.download_inception, size=args.size, on_error=args.on_error)
         for key in ("best", "last"):
             if key in result:
                 print(f"{key} epoch: {result[key]}")
@@ -296,6 +296,9 @@ def build_parser() -> argparse.ArgumentParser:
     translation.add_argument("--download-inception", dest="download_inception", action="store_true",
                              help="with no local Inception file, download torch-fidelity's into its cache "
                                   "(needs internet)")
+    translation.add_argument("--on-error", default="skip", choices=["skip", "raise"], dest="on_error",
+                             help="an unreadable image in --real or --test: report it in one line and leave it "
+                                  "out, or stop")
     translation.add_argument("--size", type=int, default=None,
                              help="resize the test and real images to SIZE x SIZE first (default: the run's "
                                   "crop_size, as the official test; SinCUT: whole images; 0: their own sizes)")

@@ -24,7 +24,7 @@ import time
 import warnings
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Callable, Literal, Optional, Sequence, Union
+from typing import Callable, Iterator, Literal, Optional, Sequence, Union
 
 import torch
 import torch.nn.functional as F
@@ -33,8 +33,8 @@ from torch.utils.data import Dataset, default_collate
 
 from lowcon import distributed
 from lowcon.config import ConfigError, first_line, from_dict, read_yaml, save_config, to_dict
-from lowcon.data.io import (BadImageWarning, ImageReadError, check_on_error, list_images, read_image, report_bad_image,
-                            write_image)
+from lowcon.data.io import (BadImageWarning, ImageReadError, check_on_error, list_images, load_or_report, read_image,
+                            report_bad_image, write_image)
 from lowcon.data.transforms import resize
 from lowcon.data.unpaired import SingleImagePairDataset, UnpairedDataset, resolve_unpaired_root
 from lowcon.inference import auto_device, cpu_has_native_bf16
@@ -836,9 +836,17 @@ def _epoch_entries(run_dir: Path) -> list[tuple[str, int, Path]]:
     return entries
 
 
-def _load_folder(folder: Path, limit: Optional[int] = None, size: Optional[int] = None) -> list[Tensor]:
-    paths = list_images(folder)[:limit]
-    return [resize(read_image(p), size) if size else read_image(p) for p in paths]
+def _read_folder(folder: Path, size: Optional[int], on_error: str, limit: Optional[int] = None) -> Iterator[Tensor]:
+    """The readable images of `folder` (each resized to size x size where `size`), an unreadable one
+    reported in one line and skipped (``on_error="skip"``) or raised; at most `limit` of them."""
+    count = 0
+    for path in list_images(folder):
+        if limit is not None and count >= limit:
+            return
+        image = load_or_report(path, on_error, min_size=5)
+        if image is not None:
+            count += 1
+            yield resize(image, size) if size else image
 
 
 def _test_size(run_dir: Path) -> Optional[int]:
@@ -864,6 +872,7 @@ def evaluate_run(
     batch_size: int = 1,
     allow_download: bool = False,
     size: Optional[int] = None,
+    on_error: str = "skip",
 ) -> dict:
     """FID and KID of every saved epoch of a run, with the best and the last epoch named apart.
 
@@ -882,12 +891,14 @@ def evaluate_run(
             (a connected machine; off by default, so that an offline one fails at once).
         size: the side both image sets are resized to; None: the run's crop_size (the image's own
             size for SinCUT); 0: every image at its own size.
+        on_error: an unreadable image in either folder is reported in one line and left out of
+            both the translation and the scores (``"skip"``), or stops the evaluation (``"raise"``).
 
     Returns:
         {"rows": [{"label", "step", "fid", "kid_mean", "kid_std", "warnings"}...], "best": row
         with the lowest FID, "last": the newest row, "csv": path, "report": path}.
     """
-    from lowcon.metrics.fid import compute_fid_kid, iter_image_folder, load_inception
+    from lowcon.metrics.fid import compute_fid_kid, load_inception
     from lowcon.report import markdown_table, plot_curves, write_text_atomic
 
     run_dir, real_dir, test_dir = Path(run_dir), Path(real_dir), Path(test_dir)
@@ -898,17 +909,24 @@ def evaluate_run(
     size = _test_size(run_dir) if size is None else (size or None)
     if size is not None and size < 5:
         raise ValueError(f"size: must be >= 5 px (or 0 for the images' own sizes), got {size}")
-    inputs = _load_folder(test_dir, size=size)
-    targets = _load_folder(real_dir, limit=64, size=size)
-    real = real_dir if size is None else [resize(x, size) for x in iter_image_folder(real_dir)]
+    check_on_error(on_error)
+    inputs = list(_read_folder(test_dir, size, on_error))  # each bad file of either set is reported here, once
+    targets = [image for i, image in enumerate(_read_folder(real_dir, size, on_error)) if i < 64]
+
+    def real_images() -> Iterator[Tensor]:  # read again for each epoch, as a stream
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", BadImageWarning)
+            yield from _read_folder(real_dir, size, on_error)
     rows = []
     for label, step, path in entries:
         out = run_dir / "eval" / label.split(" (")[0].replace(" ", "_")
         for stale in out.glob("*.png") if out.is_dir() else []:  # our own outputs of an earlier evaluation
             stale.unlink()
-        written = translate_paths([test_dir], out, path, device=device, batch_size=batch_size, direction=direction,
-                                  size=size)
-        scores = compute_fid_kid(real, out, metric_fn, device=device)
+        with warnings.catch_warnings():  # the test set's bad files were reported when it was read
+            warnings.simplefilter("ignore", BadImageWarning)
+            written = translate_paths([test_dir], out, path, device=device, batch_size=batch_size,
+                                      direction=direction, size=size, on_error=on_error)
+        scores = compute_fid_kid(real_images(), out, metric_fn, device=device)
         outputs = [read_image(p) for p in written]
         found = collapse_check(inputs, outputs, targets=targets) if len(outputs) == len(inputs) else []
         for message in found:
