@@ -773,3 +773,19 @@ def test_collapse_check_flags_identical_and_identity_outputs_and_is_quiet_otherw
     assert collapse_check(inputs, apply_known_transform("sepia", inputs), targets=target_domain) == []
     with pytest.raises(ValueError, match="outputs"):
         collapse_check(inputs, inputs[:, :, :8])
+
+
+def test_the_known_answer_demo_runs_end_to_end(tmp_path):
+    # `make demo-translate` at its shortest (the step count has a floor): every stage runs and the
+    # report holds the two models and the identity row with real numbers. Whether they learn the
+    # map takes the full three minutes (docs/translation.md).
+    from lowcon.translation import demo_translation
+
+    report = demo_translation(tmp_path / "demo", minutes=0.01, progress=False)
+    rows = {line.split("|")[1].strip(): line.split("|")[2].strip() for line in report.read_text().splitlines()
+            if line.startswith("| ") and not line.startswith("| model")}
+    assert set(rows) == {"CUT", "FastCUT", "identity (a itself)"}
+    assert all(5.0 < float(value) < 40.0 for value in rows.values())
+    assert float(rows["identity (a itself)"]) == pytest.approx(9.51, abs=0.01)  # a against gbr(a), fixed
+    for name in ("comparison.png", "curves_cut.png", "curves_fastcut.png", "cut/last.pt", "fastcut/last.pt"):
+        assert (tmp_path / "demo" / name).is_file(), name

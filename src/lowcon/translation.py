@@ -1051,8 +1051,8 @@ def demo_translation(out_dir: PathLike, minutes: float = 3.0, progress: bool = T
     try:
         folders = write_embedded_translation_set(out_dir / "data", DEMO_TRANSFORM, size=96, crops_per_image=16,
                                                  test_names=("coffee",))
-        test_inputs = _load_folder(folders["testA"])
-        test_targets = _load_folder(folders["testA_transformed"])
+        test_inputs = list(_read_folder(folders["testA"], None, "raise"))
+        test_targets = list(_read_folder(folders["testA_transformed"], None, "raise"))
         truth = torch.stack(test_targets)
         identity = float(psnr(torch.stack(test_inputs), truth, reduction="mean"))
         results, translations = [], {}
@@ -1072,7 +1072,7 @@ def demo_translation(out_dir: PathLike, minutes: float = 3.0, progress: bool = T
             fake = _translate_batch(generator, test_inputs, torch.device("cpu"))
             translations[method] = fake
             score = float(psnr(fake, truth, reduction="mean"))
-            found = collapse_check(test_inputs, list(fake), targets=_load_folder(folders["testB"]))
+            found = collapse_check(test_inputs, list(fake), targets=list(_read_folder(folders["testB"], None, "raise")))
             results.append([method.replace("cut", "CUT").replace("fast", "Fast"), score, f"{elapsed:.1f}",
                             epochs * steps_per_epoch, " | ".join(found) or "-"])
             rows = read_log(run_dir / "log.csv")
