@@ -404,6 +404,12 @@ def main(argv=None) -> int:
     except ValueError:  # not the main thread: leave SIGTERM as it is
         previous_term = None
     try:
+        from .training.memory import release_held_signals, restarted
+
+        if restarted():  # signals were held across the restart (lowcon.training.memory): take them
+            import torch  # noqa: F401  (after the heaviest import, which a KeyboardInterrupt could break)
+
+            release_held_signals()
         return args.func(args)
     except (ConfigError, CheckpointError, WeightsNotFoundError, TrainingDiverged, ValueError, OSError,
             ImportError) as err:  # OSError: a missing file, a file where a folder goes, no permission

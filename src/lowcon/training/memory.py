@@ -35,7 +35,9 @@ import ctypes
 import ctypes.util
 import os
 import platform
+import signal
 import sys
+import time
 from collections.abc import Sequence
 
 __all__ = ["map_large_allocations", "retain_freed_memory", "configure_allocator", "check_heap_mmap_threshold",
@@ -175,4 +177,31 @@ def restart_with_process_settings(command: Sequence[str], *, malloc_tcache: bool
     env[_RESTARTED] = "1"
     sys.stdout.flush()
     sys.stderr.flush()
-    os.execve(command[0], list(command), env)
+    # A Ctrl-C or SIGTERM that arrives while the new process imports its libraries could
+    # interrupt an import half-way or be swallowed by one. Blocked signals stay blocked, and
+    # pending ones stay pending, across execve: the new process takes them once it is ready
+    # (release_held_signals).
+    signal.pthread_sigmask(signal.SIG_BLOCK, HELD_SIGNALS)
+    # One that another thread took just before (torch starts one at import, with them unblocked)
+    # has its Python handler run in this thread at the next check: give it that check now, so that
+    # it stops this process (KeyboardInterrupt) instead of being lost in the exec.
+    time.sleep(0.005)
+    try:
+        os.execve(command[0], list(command), env)
+    except BaseException:
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, HELD_SIGNALS)
+        raise
+
+
+HELD_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
+def restarted() -> bool:
+    """Whether this process is the one :func:`restart_with_process_settings` started."""
+    return bool(os.environ.get(_RESTARTED))
+
+
+def release_held_signals() -> None:
+    """Unblock Ctrl-C and SIGTERM, which :func:`restart_with_process_settings` blocked across the
+    restart; one that arrived meanwhile is delivered now, to this process's handlers."""
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, HELD_SIGNALS)
