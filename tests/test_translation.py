@@ -586,6 +586,13 @@ def test_cli_train_resumes_a_run_made_with_overrides_and_takes_steps(data, tmp_p
     code, _, err = _cli(capsys, "train", "cut", "--run-dir", run, "--resume", "--steps", 3)
     assert code == 0, err
     assert [line.split(",")[0] for line in (run / "log.csv").read_text().splitlines()[1:]] == ["1", "2", "3"]
+    # config.yaml deleted: last.pt holds the config, and the run resumes with it
+    written = (run / "config.yaml").read_text()
+    (run / "config.yaml").unlink()
+    code, _, err = _cli(capsys, "train", "cut", "--run-dir", run, "--resume", "--steps", 4)
+    assert code == 0 and f"{run / 'config.yaml'}: missing; written again from {run / 'last.pt'}" in err, err
+    assert yaml.safe_load((run / "config.yaml").read_text()) == {**yaml.safe_load(written), "max_steps": 4}
+    assert [line.split(",")[0] for line in (run / "log.csv").read_text().splitlines()[1:]] == ["1", "2", "3", "4"]
     code, _, err = _cli(capsys, "train", "cyclegan", "--run-dir", run, "--resume")
     _one_error_line(code, err, f"{run}: a 'cut' run, resumed as 'cyclegan'")
     before = (run / "last.pt").read_bytes()

@@ -41,11 +41,22 @@ def _restart(args, *, malloc_tcache: bool, brief_openmp_spin: bool) -> None:
 
 def _resumed_config_path(path: Path, method: str, cls, overrides: dict) -> Path:
     """For ``--resume``: the run folder's own ``config.yaml`` (what the run was trained with,
-    ``--set`` overrides included), when there is one and it is a run of `method`; else `path`."""
-    from .config import load_config, read_yaml
+    ``--set`` overrides included), when there is one and it is a run of `method`; else `path`.
+    A run whose ``config.yaml`` was deleted gets it back from its ``last.pt``, which holds it."""
+    from .config import atomic_write_text, load_config, read_yaml
 
     run_dir = Path(load_config(cls, path, overrides).run_dir)
     saved = run_dir / "config.yaml"
+    checkpoint = run_dir / "last.pt"
+    if not saved.is_file() and checkpoint.is_file():
+        import yaml
+
+        from .training import load_checkpoint
+
+        config = load_checkpoint(checkpoint).get("config")
+        if isinstance(config, dict) and config:
+            atomic_write_text(saved, yaml.safe_dump(config, sort_keys=False))
+            print(f"{saved}: missing; written again from {checkpoint}", file=sys.stderr)
     if not saved.is_file():
         return path
     saved_method = read_yaml(saved).get("method", "aecrnet")
