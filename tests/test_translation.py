@@ -396,6 +396,10 @@ def test_checkpoints_of_another_method_version_or_damaged_are_clear_errors(cut_r
     torch.save(state, tmp_path / "other_version.pt")
     with pytest.raises(CheckpointError, match="another lowcon version"):
         load_translator(tmp_path / "other_version.pt")
+    no_config = {k: v for k, v in state.items() if k != "config"}
+    torch.save(no_config, tmp_path / "no_config.pt")
+    with pytest.raises(CheckpointError, match="a cut checkpoint without its config$"):
+        load_translator(tmp_path / "no_config.pt")
     state["lowcon_checkpoint"] = 99
     torch.save(state, tmp_path / "newer.pt")
     with pytest.raises(CheckpointError, match="newer"):

@@ -591,8 +591,12 @@ def load_translator(
     state = load_checkpoint(path)
     weights = state.get("generator") or state.get("model")
     saved = state.get("config")
-    if state.get("method") not in ("cut", "cyclegan") or not isinstance(saved, dict) or weights is None:
+    if state.get("method") not in ("cut", "cyclegan"):
         raise CheckpointError(f"{path}: not a translation checkpoint (method {state.get('method')!r})")
+    missing = [key for key, ok in (("config", isinstance(saved, dict)), ("generator weights", weights is not None))
+               if not ok]
+    if missing:
+        raise CheckpointError(f"{path}: a {state.get('method')} checkpoint without its {' and '.join(missing)}")
     if saved.get("method") == "cyclegan":  # CycleGAN never read these; older runs may have set them
         saved = {k: v for k, v in saved.items() if k not in CUT_ONLY_KEYS}
     try:
