@@ -401,9 +401,7 @@ def main(argv=None) -> int:
     args.restartable, args.argv = argv is None, list(sys.argv[1:] if argv is None else argv)
     from .config import ConfigError, first_line
     from .contrast.embeddings import WeightsNotFoundError
-    from .training import CheckpointError, TrainingDiverged
-
-    from .training import Terminated
+    from .training import CheckpointError, Terminated, TrainingDiverged
 
     def terminate(signum, frame):  # SIGTERM unwinds like Ctrl-C: temporary files are removed
         raise Terminated("SIGTERM")

@@ -32,7 +32,7 @@ from torch import Tensor, nn
 from torch.utils.data import Dataset, default_collate
 
 from lowcon import distributed
-from lowcon.config import ConfigError, first_line, from_dict, read_yaml, save_config, to_dict
+from lowcon.config import ConfigError, first_line, from_dict, preset_path, read_yaml, save_config, to_dict
 from lowcon.data.io import (BadImageWarning, ImageReadError, check_on_error, list_images, load_or_report, read_image,
                             report_bad_image, write_image)
 from lowcon.data.transforms import resize
@@ -215,11 +215,9 @@ class TranslationConfig:
         what :func:`lowcon.config.load_config` starts a config file from, so that a file that names
         only its method (``method: fastcut``) trains that method's official defaults, as the
         official code's ``--CUT_mode`` and model options do. {} for an unknown method."""
-        from lowcon.config import PRESET_DIR, read_yaml
-
         if method not in METHODS:
             return {}
-        preset = read_yaml(PRESET_DIR / f"{method}.yaml")
+        preset = read_yaml(preset_path(method))
         return {k: v for k, v in preset.items() if k not in ("data", "dir_a", "dir_b")}
 
     def validate(self) -> None:
@@ -840,16 +838,12 @@ def _epoch_entries(run_dir: Path) -> list[tuple[str, int, Path]]:
     return entries
 
 
-def _read_folder(folder: Path, size: Optional[int], on_error: str, limit: Optional[int] = None) -> Iterator[Tensor]:
+def _read_folder(folder: Path, size: Optional[int], on_error: str) -> Iterator[Tensor]:
     """The readable images of `folder` (each resized to size x size where `size`), an unreadable one
-    reported in one line and skipped (``on_error="skip"``) or raised; at most `limit` of them."""
-    count = 0
+    reported in one line and skipped (``on_error="skip"``) or raised."""
     for path in list_images(folder):
-        if limit is not None and count >= limit:
-            return
         image = load_or_report(path, on_error, min_size=5)
         if image is not None:
-            count += 1
             yield resize(image, size) if size else image
 
 
@@ -902,7 +896,7 @@ def evaluate_run(
         {"rows": [{"label", "step", "fid", "kid_mean", "kid_std", "warnings"}...], "best": row
         with the lowest FID, "last": the newest row, "csv": path, "report": path}.
     """
-    from lowcon.metrics.fid import compute_fid_kid, load_inception
+    from lowcon.metrics.fid import extract_features, fid_kid_from_features, load_inception
     from lowcon.report import markdown_table, plot_curves, write_text_atomic
 
     run_dir, real_dir, test_dir = Path(run_dir), Path(real_dir), Path(test_dir)
@@ -915,12 +909,16 @@ def evaluate_run(
         raise ValueError(f"size: must be >= 5 px (or 0 for the images' own sizes), got {size}")
     check_on_error(on_error)
     inputs = list(_read_folder(test_dir, size, on_error))  # each bad file of either set is reported here, once
-    targets = [image for i, image in enumerate(_read_folder(real_dir, size, on_error)) if i < 64]
+    targets: list[Tensor] = []  # the first 64 real images, for the collapse check
 
-    def real_images() -> Iterator[Tensor]:  # read again for each epoch, as a stream
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", BadImageWarning)
-            yield from _read_folder(real_dir, size, on_error)
+    def real_images() -> Iterator[Tensor]:
+        for image in _read_folder(real_dir, size, on_error):
+            if len(targets) < 64:
+                targets.append(image)
+            yield image
+
+    # the real set's features are the same for every epoch: extracted once, streamed
+    real_features = extract_features(real_images(), metric_fn, device=device)
     rows = []
     for label, step, path in entries:
         out = run_dir / "eval" / label.split(" (")[0].replace(" ", "_")
@@ -930,7 +928,7 @@ def evaluate_run(
             warnings.simplefilter("ignore", BadImageWarning)
             written = translate_paths([test_dir], out, path, device=device, batch_size=batch_size,
                                       direction=direction, size=size, on_error=on_error)
-        scores = compute_fid_kid(real_images(), out, metric_fn, device=device)
+        scores = fid_kid_from_features(real_features, extract_features(out, metric_fn, device=device))
         outputs = [read_image(p) for p in written]
         found = collapse_check(inputs, outputs, targets=targets) if len(outputs) == len(inputs) else []
         for message in found:
@@ -956,8 +954,8 @@ def evaluate_run(
     report = "\n".join([
         f"# Evaluation of {run_dir}", "",
         f"Test images: {test_dir} ({len(inputs)}), real target images: {real_dir}; "
-        + (f"both resized to {size} x {size} (bicubic), as the official test." if size else "at their own sizes.")
-        + "", "",
+        + (f"both resized to {size} x {size} (bicubic), as the official test." if size else "at their own sizes."),
+        "",
         f"- **Best epoch** (lowest FID, what papers report): {best['label']}: FID {best['fid']:.2f}, "
         f"KID x 1000 {1000 * best['kid_mean']:.2f}",
         f"- **Last epoch** (what a finished run gives you): {last['label']}: FID {last['fid']:.2f}, "
@@ -1057,6 +1055,7 @@ def demo_translation(out_dir: PathLike, minutes: float = 3.0, progress: bool = T
                                                  test_names=("coffee",))
         test_inputs = list(_read_folder(folders["testA"], None, "raise"))
         test_targets = list(_read_folder(folders["testA_transformed"], None, "raise"))
+        domain_b = list(_read_folder(folders["testB"], None, "raise"))  # the collapse check's targets
         truth = torch.stack(test_targets)
         identity = float(psnr(torch.stack(test_inputs), truth, reduction="mean"))
         results, translations = [], {}
@@ -1076,7 +1075,7 @@ def demo_translation(out_dir: PathLike, minutes: float = 3.0, progress: bool = T
             fake = _translate_batch(generator, test_inputs, torch.device("cpu"))
             translations[method] = fake
             score = float(psnr(fake, truth, reduction="mean"))
-            found = collapse_check(test_inputs, list(fake), targets=list(_read_folder(folders["testB"], None, "raise")))
+            found = collapse_check(test_inputs, list(fake), targets=domain_b)
             results.append([method.replace("cut", "CUT").replace("fast", "Fast"), score, f"{elapsed:.1f}",
                             epochs * steps_per_epoch, " | ".join(found) or "-"])
             rows = read_log(run_dir / "log.csv")

@@ -37,6 +37,7 @@ __all__ = [
     "iter_image_folder",
     "extract_features",
     "compute_fid_kid",
+    "fid_kid_from_features",
     "find_inception_weights",
     "InceptionFeatureExtractor",
     "load_inception",
@@ -296,6 +297,19 @@ def compute_fid_kid(
     """
     real = extract_features(real_images, feature_extractor, batch_size=batch_size, device=device)
     fake = extract_features(fake_images, feature_extractor, batch_size=batch_size, device=device)
+    return fid_kid_from_features(real, fake, kid_subsets=kid_subsets, kid_subset_size=kid_subset_size,
+                                 kid_seed=kid_seed)
+
+
+def fid_kid_from_features(
+    real: Tensor,
+    fake: Tensor,
+    kid_subsets: int = 100,
+    kid_subset_size: int = 1000,
+    kid_seed: int = 2020,
+) -> Dict[str, float]:
+    """:func:`compute_fid_kid` from the two sets' features, (N, D) and (M, D) (:func:`extract_features`):
+    for scoring several fake sets against one real set, whose features are then extracted once."""
     if real.shape[1] != fake.shape[1]:
         raise ValueError(
             "feature_extractor: feature sizes differ between the sets, "

@@ -145,6 +145,10 @@ def malloc_tcache_disabled() -> bool:
     return TCACHE_OFF in os.environ.get("GLIBC_TUNABLES", "").split(":")
 
 
+# Blocked across a restart and taken by the new process when it is ready (release_held_signals).
+HELD_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
 def restart_with_process_settings(command: Sequence[str], *, malloc_tcache: bool = False,
                                   brief_openmp_spin: bool = False) -> None:
     """Replace this process (``os.execve``: same PID, same open files) by `command` run with the
@@ -192,8 +196,6 @@ def restart_with_process_settings(command: Sequence[str], *, malloc_tcache: bool
         signal.pthread_sigmask(signal.SIG_UNBLOCK, HELD_SIGNALS)
         raise
 
-
-HELD_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 
 def restarted() -> bool:
