@@ -136,3 +136,49 @@ def test_layer_ops_times_each_case_and_reports_its_difference(monkeypatch, tmp_p
         assert row["aten_ms"] > 0 and row["lowcon_ms"] > 0 and row["max_abs_difference"] < 1e-5
     report = (tmp_path / "ops_report.md").read_text()
     assert all(f"| {name} |" in report for name in ("norm", "pad", "pad 3", "up"))
+
+
+FAKE_TRAIN = '''
+import sys, time
+from options.train_options import TrainOptions
+from models.cycle_gan_model import CycleGANModel
+
+opt = TrainOptions().parse()
+assert opt.amp is False  # set by the launcher: the CUT repository's CycleGAN reads it, no option defines it
+CycleGANModel().data_dependent_initialize({"A": None})  # as train.py passes the first batch
+print("options", " ".join(sys.argv[1:]), flush=True)
+for epoch in range(1, 1000):
+    time.sleep(0.25)
+    print("End of epoch %d / %d \\t Time Taken: %d sec" % (epoch, 400, 0), flush=True)
+'''
+
+
+def test_bench_epochs_times_an_official_train_py_by_its_epoch_lines_and_stops_it(monkeypatch, tmp_path):
+    # A stand-in for the official checkout: a train.py that prints the official epoch line every
+    # 0.25 s, and the two modules the launcher patches (opt.amp, data_dependent_initialize).
+    monkeypatch.syspath_prepend(str(BENCH))
+    import bench_epochs
+
+    official = tmp_path / "official"
+    (official / "options").mkdir(parents=True)
+    (official / "models").mkdir()
+    (official / "train.py").write_text(FAKE_TRAIN)
+    (official / "options" / "train_options.py").write_text(
+        "class TrainOptions:\n    def parse(self):\n        return type('Opt', (), {})()\n")
+    (official / "models" / "__init__.py").write_text("")
+    (official / "models" / "cycle_gan_model.py").write_text(
+        "class CycleGANModel:\n    def data_dependent_initialize(self):\n        return None\n")
+    log = tmp_path / "official.log"
+    result = bench_epochs.run_official(official, "cyclegan", tmp_path / "data", epochs=3, log=log)
+    assert len(result["epochs_s"]) == 2 and all(0.2 < s < 1.5 for s in result["epochs_s"]), result
+    assert result["first_epoch_s"] == 0.0 and 0 < result["peak_rss_gb"] < 1, result
+    assert "Traceback" not in log.read_text()
+    # the report: medians of the later epochs, per-step times, ratios and peaks as given
+    entry = {"lowcon": {"first_epoch_s": 30.0, "epochs_s": [20.0], "peak_rss_gb": 1.5},
+             "official": {"first_epoch_s": 60.0, "epochs_s": [50.0], "peak_rss_gb": 2.0}}
+    entry["ratio"] = bench_epochs.round_ratio(entry)
+    machine = {"date_utc": "d", "cpu": "c", "nproc": 2, "threads": 2, "cpu_capability": "x", "native_bf16": False,
+               "python": "p", "torch": "t", "torchvision": "v"}
+    text = bench_epochs.report({"machine": machine, "data": ["a", "b"], "steps_per_epoch": 10, "epochs": 2,
+                                "bf16": [], "runs": {"fastcut": [entry]}})
+    assert "| fastcut | 20.0 (2.00) | 50.0 (5.00) | 0.400 | 0.50 | 1.50 / 2.00 | 0.75 |" in text

@@ -120,10 +120,48 @@ def test_dehaze_any_size_corrupt_and_dcp(embedded, tmp_path):
         dehaze_paths([str(src / "broken.png")], tmp_path / "out2", source="dcp", on_error="raise", progress=False)
 
 
+def test_dehaze_names_same_stem_inputs_apart_and_keeps_earlier_outputs(tmp_path, capsys):
+    from lowcon.data.io import KeptOutputWarning, RenamedOutputWarning
+
+    src = tmp_path / "in"
+    src.mkdir()
+    Image.new("RGB", (12, 10), (200, 180, 160)).save(src / "view.jpg")
+    Image.new("RGB", (14, 10), (90, 100, 110)).save(src / "view.png")
+    out = tmp_path / "out"
+    with pytest.warns(RenamedOutputWarning, match="view.jpg: written as .*view_1.png"):
+        written = dehaze_paths([str(src)], out, source="dcp", progress=False)
+    # each input has its own output (before, view.jpg's overwrote view.png's)
+    assert {p.name: read_image(p).shape for p in written} == {"view_1.png": (3, 10, 12), "view.png": (3, 10, 14)}
+    (out / "view.png").write_bytes(b"kept")
+    with pytest.raises(FileExistsError, match=r"view_1.png: exists already \(and 1 more outputs\); nothing written"):
+        dehaze_paths([str(src)], out, source="dcp", progress=False)
+    assert (out / "view.png").read_bytes() == b"kept"
+    (out / "view_1.png").unlink()
+    with pytest.warns(UserWarning) as caught:
+        written = dehaze_paths([str(src)], out, source="dcp", progress=False, existing="skip")
+    assert [(w.category, str(w.message).split(": ", 1)[1]) for w in caught] == [
+        (KeptOutputWarning, "1 of the 2 outputs exist already and are kept"),
+        (RenamedOutputWarning, f"written as {out / 'view_1.png'} (view.png is another input's)")]
+    assert written == [out / "view_1.png"] and (out / "view.png").read_bytes() == b"kept"
+    with pytest.warns(RenamedOutputWarning):
+        written = dehaze_paths([str(src)], out, source="dcp", progress=False, existing="overwrite")
+    assert read_image(out / "view.png").shape == (3, 10, 14) and len(written) == 2
+    # the command: an error of one line; with --skip-existing nothing left to do is no error
+    assert main(["dehaze", str(src), "-o", str(out), "--method", "dcp", "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--overwrite" in err and "--skip-existing" in err
+    assert main(["dehaze", str(src), "-o", str(out), "--method", "dcp", "--quiet", "--skip-existing"]) == 0
+    assert "wrote 0 image(s)" in capsys.readouterr().out
+
+
 def test_cli_errors_are_one_line(tmp_path, capsys):
+    # as lowcon translate: the missing input is named, then the command fails for want of images
     assert main(["dehaze", str(tmp_path / "missing.png"), "-o", str(tmp_path / "o"), "--method", "dcp"]) == 2
-    err = capsys.readouterr().err.strip()
-    assert err.count("\n") == 0 and "missing.png" in err
+    assert capsys.readouterr().err.splitlines() == [
+        f"lowcon: warning: skipping image: {tmp_path / 'missing.png'}: no such file or folder",
+        f"lowcon: error: {tmp_path / 'missing.png'}: no image written: no readable image among the inputs "
+        "(each skipped file was named above)"]
+    assert not (tmp_path / "o").exists()
     assert main(["train", "aecrnet", "--data", str(tmp_path / "nothing")]) == 2
     assert "nothing/hazy: no such folder" in capsys.readouterr().err
     (tmp_path / "c.yaml").write_text("method: aecrnet\nbta: 0.1\n")

@@ -1,5 +1,6 @@
 """The translation pipeline: configs, exact resume, translate, checkpoint errors, evaluation, collapse."""
 import io
+import re
 import shutil
 import subprocess
 import sys
@@ -189,6 +190,11 @@ def test_run_writes_config_epochs_samples_and_logs_every_term(cut_run):
     assert cut_run["warnings"], "expected a collapse warning from the untrained generator"
     log = (run_dir / "train.log").read_text()
     assert all(str(w.message).split(": ", 1)[1] in log for w in cut_run["warnings"])
+    # each epoch's wall-clock time, as the official train.py prints it
+    timed = re.findall(r"epoch (\d) of 3: ([0-9.]+) s, ([0-9.]+) s/step\n", log)
+    assert [int(e) for e, _, _ in timed] == [1, 2, 3]
+    steps_per_epoch = load_checkpoint(run_dir / "last.pt")["step"] // 3
+    assert all(abs(float(t) - float(s) * steps_per_epoch) <= 0.05 + 0.0005 * steps_per_epoch for _, t, s in timed)
 
 
 def test_an_existing_run_is_never_overwritten_and_resume_checks_the_config(data, cut_run, tmp_path):
@@ -363,6 +369,31 @@ def test_translate_never_overwrites_its_inputs(cut_run, odd_inputs):
     with pytest.raises(ValueError, match="overwrite"):
         translate_paths([odd_inputs / "rgb.png"], odd_inputs, cut_run["dir"] / "last.pt")
     assert (odd_inputs / "rgb.png").read_bytes() == before
+
+
+def test_cli_translate_keeps_earlier_outputs_unless_told_otherwise(cut_run, data, tmp_path, capsys):
+    command = ["translate", data["testA"], "-o", tmp_path / "out", "--checkpoint", cut_run["dir"] / "last.pt", "--quiet"]
+    code, out, _ = _cli(capsys, *command)
+    assert code == 0 and "wrote 3 image(s)" in out
+    first, second, third = sorted((tmp_path / "out").iterdir())
+    first.write_bytes(b"an earlier run's output")
+    before = {p: p.read_bytes() for p in (first, second, third)}
+    code, _, err = _cli(capsys, *command)
+    _one_error_line(code, err, f"{first}: exists already (and 2 more outputs); nothing written",
+                    "--overwrite", "--skip-existing")
+    assert {p: p.read_bytes() for p in (first, second, third)} == before
+    second.unlink()  # as after a stop: --skip-existing writes what is missing
+    code, out, err = _cli(capsys, *command, "--skip-existing")
+    assert code == 0 and "wrote 1 image(s)" in out and "2 of the 3 outputs exist already and are kept" in err
+    assert first.read_bytes() == b"an earlier run's output" and read_image(second).shape == (3, 24, 24)
+    assert third.read_bytes() == before[third]
+    code, out, _ = _cli(capsys, *command, "--skip-existing")
+    assert code == 0 and "wrote 0 image(s)" in out
+    code, out, _ = _cli(capsys, *command, "--overwrite")
+    assert code == 0 and "wrote 3 image(s)" in out and read_image(first).shape == (3, 24, 24)
+    with pytest.raises(SystemExit):
+        _cli(capsys, *command, "--overwrite", "--skip-existing")
+    assert "not allowed with argument" in capsys.readouterr().err
 
 
 def test_checkpoints_of_another_method_version_or_damaged_are_clear_errors(cut_run, cyclegan_checkpoint, tmp_path):
@@ -747,11 +778,11 @@ def test_training_skips_an_unreadable_image_and_keeps_the_warning_in_train_log(d
 
 
 def test_inputs_sharing_a_stem_are_all_written_and_a_png_keeps_its_name(tmp_path):
-    from lowcon.translation import RenamedOutputWarning, _output_names
+    from lowcon.data.io import RenamedOutputWarning, output_names
 
     files = [tmp_path / "a" / "odd.jpg", tmp_path / "a" / "odd.png", tmp_path / "b" / "odd.png", tmp_path / "c.bmp"]
     with pytest.warns(RenamedOutputWarning) as caught:
-        names = _output_names(files, tmp_path / "out")
+        names = output_names(files, tmp_path / "out")
     assert [n.name for n in names] == ["odd_1.png", "odd.png", "odd_2.png", "c.png"]
     assert [str(w.message) for w in caught] == [
         f"{files[0]}: written as {tmp_path / 'out' / 'odd_1.png'} (odd.png is another input's)",

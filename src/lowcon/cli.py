@@ -153,9 +153,11 @@ def cmd_eval(args) -> int:
     return 0
 
 
-def _check_written(written: list, inputs: list) -> None:
-    """A command asked to write images that wrote none has failed (every input was skipped)."""
-    if not written:
+def _check_written(written: list, args) -> None:
+    """A command asked to write images that wrote none has failed (every input was skipped), unless
+    it was asked to keep the outputs that were there (``--skip-existing``)."""
+    inputs = args.inputs
+    if not written and args.existing != "skip":
         raise ValueError(f"{' '.join(map(str, inputs))}: no image written: no readable image among the inputs "
                          "(each skipped file was named above)")
 
@@ -165,8 +167,8 @@ def cmd_dehaze(args) -> int:
 
     source = "dcp" if args.method == "dcp" else args.model
     written = dehaze_paths(args.inputs, args.output, source=source, device=args.device, batch_size=args.batch_size,
-                           tile=args.tile, on_error=args.on_error, progress=not args.quiet)
-    _check_written(written, args.inputs)
+                           tile=args.tile, on_error=args.on_error, progress=not args.quiet, existing=args.existing)
+    _check_written(written, args)
     print(f"wrote {len(written)} image(s) to {args.output}")
     return 0
 
@@ -177,8 +179,8 @@ def cmd_translate(args) -> int:
     _restart(args, malloc_tcache=True, brief_openmp_spin=True)
     written = translate_paths(args.inputs, args.output, args.checkpoint, device=args.device,
                               batch_size=args.batch_size, direction=args.direction, on_error=args.on_error,
-                              progress=not args.quiet)
-    _check_written(written, args.inputs)
+                              progress=not args.quiet, existing=args.existing)
+    _check_written(written, args)
     print(f"wrote {len(written)} image(s) to {args.output}")
     return 0
 
@@ -260,6 +262,12 @@ def build_parser() -> argparse.ArgumentParser:
     images.add_argument("--batch-size", type=int, default=1, dest="batch_size", help="images of one size per batch")
     images.add_argument("--on-error", default="skip", choices=["skip", "raise"], dest="on_error",
                         help="an unreadable image: report it in one line and go on, or stop")
+    there = images.add_mutually_exclusive_group()
+    there.add_argument("--overwrite", dest="existing", action="store_const", const="overwrite", default="error",
+                       help="replace outputs that exist already (without it such an output is an error, "
+                            "before anything is written)")
+    there.add_argument("--skip-existing", dest="existing", action="store_const", const="skip",
+                       help="keep outputs that exist already and write the others (go on after a stop)")
     sub = p.add_subparsers(dest="command", required=True)
 
     t = _command(sub, "train", "train a preset or config file (see `lowcon presets`)", """\
@@ -396,6 +404,14 @@ def _show_warning(message, category, filename, lineno, file=None, line=None) -> 
 
 
 def main(argv=None) -> int:
+    try:  # `import lowcon.cli` leaves torch unimported: a Ctrl-C during its import lands here too
+        return _run(argv)
+    except KeyboardInterrupt:
+        print("lowcon: interrupted", file=sys.stderr)
+        return 130
+
+
+def _run(argv) -> int:
     args = build_parser().parse_args(argv)
     # Only a real command line may be started again (lowcon.training.memory); not a caller's process.
     args.restartable, args.argv = argv is None, list(sys.argv[1:] if argv is None else argv)
@@ -424,9 +440,6 @@ def main(argv=None) -> int:
             ImportError) as err:  # OSError: a missing file, a file where a folder goes, no permission
         print(f"lowcon: error: {first_line(err)}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("lowcon: interrupted", file=sys.stderr)
-        return 130
     except Terminated:
         print("lowcon: terminated (SIGTERM)", file=sys.stderr)
         return 128 + signal.SIGTERM

@@ -3,8 +3,7 @@ from __future__ import annotations
 
 import csv
 import dataclasses
-import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal, Optional, Sequence
 
@@ -16,15 +15,15 @@ from . import distributed
 from .baselines.dcp import DarkChannelPrior
 from .config import first_line, save_config, to_dict
 from .contrast import ContrastiveRegularization, CRSampler, VGG19Features
-from .data.io import ImageReadError, list_images, read_image, report_bad_image, write_image
-from .data.paired import HazyFolder, PairedDehazeDataset, scene_ids, split_ids
+from .data.io import ImageReadError, plan_outputs, read_image, report_bad_image, write_image
+from .data.paired import PairedDehazeDataset, scene_ids, split_ids
 from .inference import auto_device, run_padded, run_tiled
 from .methods.aecr import AECRTraining
 from .metrics.protocols import DEFAULT_PROTOCOL, get_protocol
 from .models.aecrnet import AECRNET_VARIANTS, AECRNet, build_aecrnet
 from .models.winograd import set_band_size, use_winograd
-from .report import markdown_table, write_text_atomic
-from .training import Trainer, load_checkpoint, save_checkpoint
+from .report import write_text_atomic
+from .training import Trainer, load_checkpoint
 from .training.memory import check_allocator_settings, configure_allocator
 
 __all__ = [
@@ -319,24 +318,20 @@ def write_scores_csv(path: Path, rows: Sequence[dict], protocol: str) -> None:
 def dehaze_paths(
     inputs: Sequence[str], out_dir: str | Path, source: str = "shipped", device: str = "cpu",
     batch_size: int = 1, tile: int = 0, max_pixels: int = 4_000_000, on_error: str = "skip",
-    progress: bool = True,
+    progress: bool = True, existing: str = "error",
 ) -> list[Path]:
     """Dehaze image files and folders into `out_dir` (PNG, same stem, atomic writes).
 
     Images above `max_pixels` are processed in overlapping tiles so they fit in memory.
-    Images of equal size are batched `batch_size` at a time.
+    Images of equal size are batched `batch_size` at a time. Inputs and outputs are planned and
+    checked before anything runs (:func:`lowcon.data.io.plan_outputs`): inputs sharing a stem
+    get distinct names, an unreadable or missing input is reported and skipped or raised
+    (`on_error`), and an output that is there already is an error, replaced or kept (`existing`).
     """
+    plan = plan_outputs(inputs, out_dir, on_error, existing)
+    if not plan:
+        return []
     net, multiple, _ = load_dehazer(source, device)
-    paths: list[Path] = []
-    for item in inputs:
-        p = Path(item)
-        if p.is_dir():
-            paths += list_images(p)
-        elif p.is_file():
-            paths.append(p)
-        else:
-            raise FileNotFoundError(f"{p}: no such file or folder")
-    out_dir = Path(out_dir)
     written: list[Path] = []
     from tqdm.auto import tqdm
 
@@ -348,11 +343,11 @@ def dehaze_paths(
         batch = torch.stack([t for _, t in pending])
         tile_size = tile or (1024 if batch.shape[-1] * batch.shape[-2] > max_pixels else 0)
         out = dehaze_tensor(net, batch, multiple, tile_size).cpu()
-        for (src, _), img in zip(pending, out):
-            written.append(write_image(out_dir / f"{src.stem}.png", img))
+        for (target, _), img in zip(pending, out):
+            written.append(write_image(target, img))
         pending.clear()
 
-    for src in tqdm(paths, disable=not progress, desc="dehaze", unit="img"):
+    for src, target in tqdm(plan, disable=not progress, desc="dehaze", unit="img"):
         try:
             img = read_image(src, min_size=4)
         except ImageReadError as err:
@@ -360,6 +355,6 @@ def dehaze_paths(
             continue
         if pending and (pending[0][1].shape != img.shape or len(pending) >= batch_size):
             flush()
-        pending.append((src, img))
+        pending.append((target, img))
     flush()
     return written

@@ -33,8 +33,8 @@ from torch.utils.data import Dataset, default_collate
 
 from lowcon import distributed
 from lowcon.config import ConfigError, first_line, from_dict, preset_path, read_yaml, save_config, to_dict
-from lowcon.data.io import (BadImageWarning, ImageReadError, check_on_error, list_images, load_or_report, read_image,
-                            report_bad_image, write_image)
+from lowcon.data.io import (BadImageWarning, ImageReadError, RenamedOutputWarning, check_on_error, list_images,
+                            load_or_report, plan_outputs, read_image, report_bad_image, write_image)
 from lowcon.data.transforms import resize
 from lowcon.data.unpaired import SingleImagePairDataset, UnpairedDataset, resolve_unpaired_root
 from lowcon.inference import auto_device, cpu_has_native_bf16
@@ -85,10 +85,6 @@ RUN_KEYS = frozenset({
 
 class CollapseWarning(UserWarning):
     """Translations look collapsed: all alike, or the inputs unchanged."""
-
-
-class RenamedOutputWarning(UserWarning):
-    """An output file took another name than ``<stem>.png``: another input has that stem."""
 
 
 @dataclass
@@ -476,7 +472,8 @@ def train_translation(cfg: TranslationConfig, resume: bool = False, progress: bo
     Writes ``config.yaml``, ``last.pt`` (every ``checkpoint_every`` steps and at the end),
     ``epochs/epoch_XXX.pt`` (generator weights after every ``save_epoch_every``-th epoch and
     the last epoch), ``log.csv`` (every loss term), ``samples/`` (grids of a fixed batch every
-    ``sample_every`` steps) and ``train.log`` (collapse warnings).
+    ``sample_every`` steps) and ``train.log`` (start and stop, each epoch's wall-clock time,
+    skipped images, collapse warnings).
 
     Args:
         resume: continue ``run_dir/last.pt`` exactly (same schedule, data order and random
@@ -535,6 +532,11 @@ def train_translation(cfg: TranslationConfig, resume: bool = False, progress: bo
             warnings.warn(f"step {step}: {message}", CollapseWarning, stacklevel=2)
             _log_line(run_dir, f"step {step}: warning: {message}")
 
+    def log_epoch_time(epoch: int, seconds: float, steps_run: int) -> None:
+        # as the official train.py's "End of epoch N / M  Time Taken: T sec"
+        part = "" if steps_run == steps_per_epoch else f", {steps_run} of its {steps_per_epoch} steps (resumed mid-epoch)"
+        _log_line(run_dir, f"epoch {epoch} of {total_epochs}: {seconds:.1f} s, {seconds / steps_run:.3f} s/step{part}")
+
     method.epoch_end_hooks.append(save_epoch)
     method.visual_hooks.append(check_samples)
     if main:
@@ -551,6 +553,7 @@ def train_translation(cfg: TranslationConfig, resume: bool = False, progress: bo
         num_workers=cfg.num_workers, log_every=cfg.log_every, checkpoint_every=cfg.checkpoint_every,
         sample_every=cfg.sample_every, config=to_dict(cfg), tensorboard=cfg.tensorboard, progress=progress,
         sample_batch=_sample_batch(dataset) if cfg.sample_every and main else None,
+        on_epoch_end=log_epoch_time if main else None,
     )
     with distributed.leaving():
         try:
@@ -619,48 +622,6 @@ def load_translator(
     return generator.to(device).eval(), cfg
 
 
-def _expand_inputs(inputs: Sequence[PathLike], on_error: str) -> list[Path]:
-    files: list[Path] = []
-    for item in inputs:
-        path = Path(item)
-        if path.is_dir():
-            try:
-                files.extend(list_images(path))
-            except FileNotFoundError as err:  # an empty folder: skipped like a missing file
-                report_bad_image(ImageReadError(path, str(err).split(": ", 1)[-1]), on_error)
-        elif path.is_file():
-            files.append(path)
-        else:
-            problem = ("a broken or looping symbolic link" if path.is_symlink() else
-                       "not a regular file or folder" if os.path.lexists(path) else "no such file or folder")
-            report_bad_image(ImageReadError(path, problem), on_error)
-    return files
-
-
-def _output_names(files: Sequence[Path], out_dir: Path) -> list[Path]:
-    """``out_dir/<stem>.png`` for each input. Inputs that share a stem (x.jpg and x.png, or x.png in
-    two folders) are all kept: a .png input keeps its own name where it can, the others get
-    ``<stem>_1.png``, ``<stem>_2.png``, ..., each renaming reported in one line."""
-    used: set[str] = set()
-    names: list[str | None] = [None] * len(files)
-    for i, path in enumerate(files):  # .png inputs first: x.png stays x.png
-        if path.suffix.lower() == ".png" and f"{path.stem}.png" not in used:
-            names[i] = f"{path.stem}.png"
-            used.add(names[i])
-    for i, path in enumerate(files):
-        if names[i] is not None:
-            continue
-        name, k = f"{path.stem}.png", 1
-        while name in used:
-            name, k = f"{path.stem}_{k}.png", k + 1
-        used.add(name)
-        names[i] = name
-        if k > 1:
-            warnings.warn(f"{path}: written as {out_dir / name} ({path.stem}.png is another input's)",
-                          RenamedOutputWarning, stacklevel=3)
-    return [out_dir / name for name in names]
-
-
 # Batches of more pixels than this go through the generator in bands of rows (forward_in_bands
 # of ResnetGenerator and StyleGAN2Generator): the same output in less memory, and on 2 CPU cores
 # no slower from about a megapixel on for the ResNet generator (benchmarks/README.md).
@@ -687,6 +648,7 @@ def translate_paths(
     method: Optional[str] = None,
     progress: bool = False,
     size: Optional[int] = None,
+    existing: str = "error",
 ) -> list[Path]:
     """Translate image files and folders with a trained generator; write ``out_dir/<stem>.png``.
 
@@ -700,7 +662,9 @@ def translate_paths(
     (``forward_in_bands`` of the ResNet and StyleGAN2 generators: the same output in less
     memory). `progress` shows a bar over the images. `size`: resize every input to size x size
     first (bicubic, antialiased), as the official test script does (``load_size = crop_size``); the
-    outputs then have that size.
+    outputs then have that size. `existing`: an output that is there already stops the call before
+    anything is written (``"error"``), is replaced (``"overwrite"``), or is kept and its input
+    skipped (``"skip"``); see :func:`lowcon.data.io.plan_outputs`.
 
     Returns:
         the written paths, in input order.
@@ -709,18 +673,12 @@ def translate_paths(
     if batch_size < 1:
         raise ValueError(f"batch_size: must be >= 1, got {batch_size}")
     device = auto_device(device) if isinstance(device, str) else device
+    plan = plan_outputs(inputs, out_dir, on_error, existing)  # its checks first: nothing loaded or written
+    if not plan:
+        return []
     generator, cfg = load_translator(checkpoint, device, method=method, direction=direction)
     if device.type == "cpu":  # the run's memory settings, as in training: by default freed memory
         configure_allocator(cfg.heap_mmap_threshold_mb, cfg.retain_freed_memory)  # serves the next image
-    out_dir = Path(out_dir)
-    if out_dir.exists() and not out_dir.is_dir():
-        raise NotADirectoryError(f"{out_dir}: is a file; the output must be a folder")
-    files = _expand_inputs(inputs, on_error)
-    outputs = _output_names(files, out_dir)
-    sources = {p.resolve() for p in files}
-    clash = [o for o in outputs if o.resolve() in sources]
-    if clash:
-        raise ValueError(f"out_dir: {clash[0]} would overwrite an input image; choose another output folder")
     written: list[Path] = []
     pending: list[tuple[Tensor, Path]] = []
 
@@ -733,7 +691,7 @@ def translate_paths(
 
     from tqdm.auto import tqdm
 
-    for path, target in tqdm(list(zip(files, outputs)), disable=not progress, desc="translate", unit="img"):
+    for path, target in tqdm(plan, disable=not progress, desc="translate", unit="img"):
         try:
             image = read_image(path, min_size=5)  # the generator needs 5 px per side
         except ImageReadError as err:

@@ -86,6 +86,39 @@ def test_resume_continues_exactly(tmp_path):
     assert [int(r["step"]) for r in rows] == list(range(1, 9))
 
 
+def test_each_epoch_end_reports_its_wall_clock_time_and_steps(tmp_path, monkeypatch):
+    import time as real_time
+
+    import lowcon.training.loop as loop
+
+    clock = {"now": 1000.0}
+
+    class FakeTime:  # each step takes 2 s of this clock; nothing else moves it
+        def __getattr__(self, name):
+            return getattr(real_time, name)
+
+        def time(self):
+            return clock["now"]
+
+    monkeypatch.setattr(loop, "time", FakeTime())
+
+    def tick(calls):
+        clock["now"] += 2.0
+
+    reports = []
+    method, trainer = make(tmp_path, 5)  # 10 items, batch 3: 3 steps an epoch
+    method.mid_step = tick
+    trainer.on_epoch_end = lambda *args: reports.append(args)
+    trainer.fit()
+    assert reports == [(1, 6.0, 3)]  # step 5 is inside epoch 2: no report for it
+    reports.clear()
+    method, trainer = make(tmp_path, 9)
+    method.mid_step = tick
+    trainer.on_epoch_end = lambda *args: reports.append(args)
+    trainer.fit(resume=True)  # from step 5: epoch 2 has one step left
+    assert reports == [(2, 2.0, 1), (3, 6.0, 3)]
+
+
 def test_nan_stops_and_keeps_last_good_checkpoint(tmp_path):
     method, trainer = make(tmp_path, 10, nan_at=5)
     with pytest.raises(TrainingDiverged, match=r"step 5: loss 'mse' is nan.*step 4"):
@@ -158,10 +191,11 @@ def test_a_signal_in_the_middle_of_a_step_never_saves_half_a_step(tmp_path, sign
     trainer.fit()
     method, trainer = make(tmp_path / "cut", 8)  # checkpoints every 2 steps
     method.mid_step = lambda call: [os.kill(os.getpid(), getattr(signal, name)) for name in signals] if call == 3 else None
+    before = signal.getsignal(signal.SIGINT)  # Python's, or SIG_IGN in a shell's background job
     with pytest.raises(raises):
         trainer.fit()
     assert load_checkpoint(tmp_path / "cut" / "last.pt")["step"] == saved_step
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the handlers are put back
+    assert signal.getsignal(signal.SIGINT) is before  # the handlers are put back
     resumed, trainer = make(tmp_path / "cut", 8)
     trainer.fit(resume=True)
     assert method.seen[:saved_step] + resumed.seen == full.seen

@@ -1,4 +1,5 @@
 import platform
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -250,8 +251,10 @@ def test_a_ctrl_c_during_the_restart_is_held_then_taken_by_the_new_process(case)
 
     clean = {k: v for k, v in os.environ.items()
              if k not in ("LOWCON_NO_RESTART", "LOWCON_RESTARTED", "GOMP_SPINCOUNT", "OMP_WAIT_POLICY")}
+    # Ctrl-C as a terminal gives it: a shell's background job (a test run started with &) inherits
+    # SIGINT ignored, which the child would keep
     done = subprocess.run([sys.executable, "-c", RESTART_HELD, RESTART_HELD, case], capture_output=True, text=True,
-                          timeout=120, env=clean)
+                          timeout=120, env=clean, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     if case.startswith("ctrl-c"):
         # Taken as a Ctrl-C, not lost and not a broken import: by this process before the exec (when
         # torch's thread took it), or held across it and taken by the new one once the CLI is ready.

@@ -26,7 +26,7 @@ import os
 import tempfile
 import warnings
 from pathlib import Path
-from typing import Optional, Union
+from typing import Optional, Sequence, Union
 
 import numpy as np
 import torch
@@ -47,6 +47,9 @@ __all__ = [
     "load_or_report",
     "report_bad_image",
     "check_on_error",
+    "RenamedOutputWarning",
+    "KeptOutputWarning",
+    "plan_outputs",
 ]
 
 PathLike = Union[str, os.PathLike]
@@ -58,6 +61,7 @@ _WRITE_FORMATS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".bmp": "BMP",
                   ".tiff": "TIFF"}
 _EXIF_ORIENTATION = 0x0112
 _ON_ERROR = ("skip", "raise")
+EXISTING = ("error", "overwrite", "skip")
 
 
 class ImageReadError(ValueError):
@@ -387,3 +391,114 @@ def load_or_report(
     except ImageReadError as err:
         report_bad_image(err, on_error)
         return None
+
+
+# ---------------------------------------------------------------------------------------------
+# Image files in, one PNG each out (lowcon translate, lowcon dehaze)
+# ---------------------------------------------------------------------------------------------
+
+
+class RenamedOutputWarning(UserWarning):
+    """An output file took another name than ``<stem>.png``: another input has that stem."""
+
+
+class KeptOutputWarning(UserWarning):
+    """Outputs that were there already are kept and their inputs not processed (``existing="skip"``)."""
+
+
+def expand_inputs(inputs: Sequence[PathLike], on_error: str) -> list[Path]:
+    """The image files of `inputs` (files, and the images of folders), in order. A missing path,
+    an empty folder, a broken symbolic link or a FIFO is reported in one line and skipped, or
+    raised (`on_error`)."""
+    files: list[Path] = []
+    for item in inputs:
+        path = Path(item)
+        if path.is_dir():
+            try:
+                files.extend(list_images(path))
+            except FileNotFoundError as err:  # an empty folder: skipped like a missing file
+                report_bad_image(ImageReadError(path, str(err).split(": ", 1)[-1]), on_error)
+        elif path.is_file():
+            files.append(path)
+        else:
+            problem = ("a broken or looping symbolic link" if path.is_symlink() else
+                       "not a regular file or folder" if os.path.lexists(path) else "no such file or folder")
+            report_bad_image(ImageReadError(path, problem), on_error)
+    return files
+
+
+def _names(files: Sequence[Path], out_dir: Path) -> tuple[list[Path], list[int]]:
+    """:func:`output_names` without its warnings: the outputs and the indices of the renamed inputs."""
+    used: set[str] = set()
+    names: list[Optional[str]] = [None] * len(files)
+    renamed: list[int] = []
+    for i, path in enumerate(files):  # .png inputs first: x.png stays x.png
+        if path.suffix.lower() == ".png" and f"{path.stem}.png" not in used:
+            names[i] = f"{path.stem}.png"
+            used.add(names[i])
+    for i, path in enumerate(files):
+        if names[i] is not None:
+            continue
+        name, k = f"{path.stem}.png", 1
+        while name in used:
+            name, k = f"{path.stem}_{k}.png", k + 1
+        used.add(name)
+        names[i] = name
+        if k > 1:
+            renamed.append(i)
+    return [out_dir / name for name in names], renamed
+
+
+def _warn_renamed(files: Sequence[Path], outputs: Sequence[Path], renamed: Sequence[int], stacklevel: int) -> None:
+    for i in renamed:
+        warnings.warn(f"{files[i]}: written as {outputs[i]} ({files[i].stem}.png is another input's)",
+                      RenamedOutputWarning, stacklevel=stacklevel + 1)
+
+
+def output_names(files: Sequence[Path], out_dir: Path) -> list[Path]:
+    """``out_dir/<stem>.png`` for each input. Inputs that share a stem (x.jpg and x.png, or x.png in
+    two folders) are all kept: a .png input keeps its own name where it can, the others get
+    ``<stem>_1.png``, ``<stem>_2.png``, ..., each renaming reported in one line."""
+    outputs, renamed = _names(files, Path(out_dir))
+    _warn_renamed(files, outputs, renamed, stacklevel=2)
+    return outputs
+
+
+def plan_outputs(
+    inputs: Sequence[PathLike], out_dir: PathLike, on_error: str = "skip", existing: str = "error"
+) -> list[tuple[Path, Path]]:
+    """(input file, output PNG) for the images of `inputs`, checked before anything is written.
+
+    Outputs are ``out_dir/<stem>.png`` (:func:`output_names`; a renaming is reported once the
+    checks have passed, for outputs to be written). `out_dir` must be a folder (or not
+    exist yet), and no output may replace an input. An output that exists already, from an
+    earlier run, is an error naming it (``existing="error"``), replaced (``"overwrite"``), or kept
+    and its input left out of the plan, with one line saying how many (``"skip"``: a run cut short
+    goes on where it stopped).
+
+    Raises:
+        NotADirectoryError, ValueError, FileExistsError: one line each; nothing is written.
+    """
+    check_on_error(on_error)
+    if existing not in EXISTING:
+        raise ValueError(f"existing: expected one of {EXISTING}, got {existing!r}")
+    out_dir = Path(out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise NotADirectoryError(f"{out_dir}: is a file; the output must be a folder")
+    files = expand_inputs(inputs, on_error)
+    outputs, renamed = _names(files, out_dir)
+    sources = {p.resolve() for p in files}
+    clash = [o for o in outputs if o.resolve() in sources]
+    if clash:
+        raise ValueError(f"{clash[0]}: would overwrite an input image; choose another output folder")
+    there = [o for o in outputs if os.path.lexists(o)]
+    if there and existing == "error":
+        more = f" (and {len(there) - 1} more outputs)" if len(there) > 1 else ""
+        raise FileExistsError(f"{there[0]}: exists already{more}; nothing written. Replace: --overwrite "
+                              "(existing='overwrite'); keep and write the rest: --skip-existing (existing='skip')")
+    kept = set(there) if existing == "skip" else set()
+    if kept:
+        warnings.warn(f"{out_dir}: {len(kept)} of the {len(outputs)} outputs exist already and are kept",
+                      KeptOutputWarning, stacklevel=3)
+    _warn_renamed(files, outputs, [i for i in renamed if outputs[i] not in kept], stacklevel=3)
+    return [(f, o) for f, o in zip(files, outputs) if o not in kept]

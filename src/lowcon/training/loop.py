@@ -92,6 +92,9 @@ class Trainer:
         validate: ``fn(method) -> dict of metrics`` run every `val_every` steps; the first key
             (or `best_metric`) decides ``best.pt`` (higher is better unless `best_mode="min"`).
         config: the resolved config saved with every checkpoint.
+        on_epoch_end: ``fn(epoch, seconds, steps)`` after the last step of each epoch (1-based
+            `epoch`): the wall-clock seconds since the previous epoch ended, or since `fit` began,
+            over `steps` steps (fewer than an epoch's in the first epoch after a mid-epoch resume).
     """
 
     def __init__(
@@ -114,6 +117,7 @@ class Trainer:
         tensorboard: bool = False,
         progress: bool = True,
         sample_batch: Optional[dict] = None,
+        on_epoch_end: Optional[Callable[[int, float, int], None]] = None,
     ) -> None:
         if len(dataset) < batch_size:
             raise ValueError(f"dataset: {len(dataset)} items, fewer than one batch of {batch_size}")
@@ -137,6 +141,7 @@ class Trainer:
         self.tensorboard = tensorboard
         self.progress = progress
         self.sample_batch = sample_batch
+        self.on_epoch_end = on_epoch_end
         self.steps_per_epoch = len(dataset) // batch_size
         self.step = 0
         self.best: Optional[float] = None
@@ -241,6 +246,7 @@ class Trainer:
         stopping = False
         first = last_good = self.step
         started, window, window_steps = time.time(), {}, 0
+        epoch_started, epoch_first_step = started, self.step
         try:
             for batch in self._batches():
                 losses = self.method.train_step(batch)
@@ -253,6 +259,10 @@ class Trainer:
                     raise TrainingDiverged(f"step {self.step + 1}: loss {bad[0]!r} is {float(losses[bad[0]])}; stopped, {kept}")
                 self.step += 1
                 window_steps += 1
+                if self.on_epoch_end is not None and self.step % self.steps_per_epoch == 0:
+                    now = time.time()
+                    self.on_epoch_end(self.step // self.steps_per_epoch, now - epoch_started, self.step - epoch_first_step)
+                    epoch_started, epoch_first_step = now, self.step
                 for k, v in losses.items():
                     window.setdefault(k, []).append(float(v))
                 # a stop (the last step, a signal) logs the steps since the last row too
