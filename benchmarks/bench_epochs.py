@@ -1,7 +1,7 @@
 """Whole training epochs on real images: `lowcon train` against the official CUT code's `train.py`.
 
     python benchmarks/bench_epochs.py --official DIR [--data-a FOLDER --data-b FOLDER] \
-        [--methods fastcut,cyclegan] [--epochs 2] [--rounds 2] [--out benchmarks/results/epochs.json]
+        [--methods fastcut,cyclegan] [--epochs 2] [--rounds 2] [--first official] [--out benchmarks/results/epochs.json]
 
 The issue's speed targets time whole epochs of the official code on this CPU (``--gpu_ids -1``).
 This script runs both programs as a user runs them, each in its own process, on the same two
@@ -161,6 +161,8 @@ def main(argv: Optional[list[str]] = None) -> dict:
     p.add_argument("--methods", default="fastcut,cyclegan", help="comma-separated: cut, fastcut, cyclegan")
     p.add_argument("--epochs", type=int, default=2, help="epochs per run (>= 2: the first is reported apart)")
     p.add_argument("--rounds", type=int, default=2)
+    p.add_argument("--first", default="official", choices=["official", "lowcon"],
+                   help="which side runs first in the first round (then they alternate)")
     p.add_argument("--bf16", default="cyclegan", help="methods lowcon runs with bf16: true (comma-separated)")
     p.add_argument("--out", default="benchmarks/results/epochs.json")
     args = p.parse_args(argv)
@@ -192,7 +194,7 @@ def main(argv: Optional[list[str]] = None) -> dict:
         rounds = results["runs"][method] = []
         for r in range(args.rounds):
             entry = {}
-            order = ("official", "lowcon") if r % 2 == 0 else ("lowcon", "official")
+            order = ("official", "lowcon") if (r % 2 == 0) == (args.first == "official") else ("lowcon", "official")
             for side in order:
                 log = logs / f"{method}_{side}_{r}.log"
                 print(f"{method} round {r + 1}/{args.rounds}: {side} ({args.epochs} epochs of {steps_per_epoch} steps) ...",
