@@ -474,7 +474,7 @@ def plan_outputs(
     exist yet), and no output may replace an input. An output that exists already, from an
     earlier run, is an error naming it (``existing="error"``), replaced (``"overwrite"``), or kept
     and its input left out of the plan, with one line saying how many (``"skip"``: a run cut short
-    goes on where it stopped).
+    goes on where it stopped; outputs are written atomically, so one that is there is whole).
 
     Raises:
         NotADirectoryError, ValueError, FileExistsError: one line each; nothing is written.
