@@ -15,7 +15,7 @@ from . import distributed
 from .baselines.dcp import DarkChannelPrior
 from .config import first_line, save_config, to_dict
 from .contrast import ContrastiveRegularization, CRSampler, VGG19Features
-from .data.io import ImageReadError, plan_outputs, read_image, report_bad_image, write_image
+from .data.io import plan_outputs, same_size_batches, write_image
 from .data.paired import PairedDehazeDataset, scene_ids, split_ids
 from .inference import auto_device, run_padded, run_tiled
 from .methods.aecr import AECRTraining
@@ -333,28 +333,9 @@ def dehaze_paths(
         return []
     net, multiple, _ = load_dehazer(source, device)
     written: list[Path] = []
-    from tqdm.auto import tqdm
-
-    pending: list[tuple[Path, torch.Tensor]] = []
-
-    def flush():
-        if not pending:
-            return
-        batch = torch.stack([t for _, t in pending])
+    for images, targets in same_size_batches(plan, batch_size, on_error, min_size=4, progress=progress, desc="dehaze"):
+        batch = torch.stack(images)
         tile_size = tile or (1024 if batch.shape[-1] * batch.shape[-2] > max_pixels else 0)
         out = dehaze_tensor(net, batch, multiple, tile_size).cpu()
-        for (target, _), img in zip(pending, out):
-            written.append(write_image(target, img))
-        pending.clear()
-
-    for src, target in tqdm(plan, disable=not progress, desc="dehaze", unit="img"):
-        try:
-            img = read_image(src, min_size=4)
-        except ImageReadError as err:
-            report_bad_image(err, on_error)  # one line naming the file, or stop
-            continue
-        if pending and (pending[0][1].shape != img.shape or len(pending) >= batch_size):
-            flush()
-        pending.append((target, img))
-    flush()
+        written += [write_image(target, image) for image, target in zip(out, targets)]
     return written

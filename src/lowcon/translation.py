@@ -33,8 +33,8 @@ from torch.utils.data import Dataset, default_collate
 
 from lowcon import distributed
 from lowcon.config import ConfigError, first_line, from_dict, preset_path, read_yaml, save_config, to_dict
-from lowcon.data.io import (BadImageWarning, ImageReadError, RenamedOutputWarning, check_on_error, list_images,
-                            load_or_report, plan_outputs, read_image, report_bad_image, write_image)
+from lowcon.data.io import (BadImageWarning, RenamedOutputWarning, check_on_error, list_images, load_or_report,
+                            plan_outputs, read_image, same_size_batches, write_image)
 from lowcon.data.transforms import resize
 from lowcon.data.unpaired import SingleImagePairDataset, UnpairedDataset, resolve_unpaired_root
 from lowcon.inference import auto_device, cpu_has_native_bf16
@@ -669,7 +669,6 @@ def translate_paths(
     Returns:
         the written paths, in input order.
     """
-    check_on_error(on_error)
     if batch_size < 1:
         raise ValueError(f"batch_size: must be >= 1, got {batch_size}")
     device = auto_device(device) if isinstance(device, str) else device
@@ -680,29 +679,11 @@ def translate_paths(
     if device.type == "cpu":  # the run's memory settings, as in training: by default freed memory
         configure_allocator(cfg.heap_mmap_threshold_mb, cfg.retain_freed_memory)  # serves the next image
     written: list[Path] = []
-    pending: list[tuple[Tensor, Path]] = []
-
-    def flush() -> None:
-        if pending:
-            translated = _translate_batch(generator, [img for img, _ in pending], device)
-            for image, (_, target) in zip(translated, pending):
-                written.append(write_image(target, image))
-            pending.clear()
-
-    from tqdm.auto import tqdm
-
-    for path, target in tqdm(plan, disable=not progress, desc="translate", unit="img"):
-        try:
-            image = read_image(path, min_size=5)  # the generator needs 5 px per side
-        except ImageReadError as err:
-            report_bad_image(err, on_error)
-            continue
-        if size:
-            image = resize(image, size)
-        if pending and (image.shape != pending[0][0].shape or len(pending) == batch_size):
-            flush()
-        pending.append((image, target))
-    flush()
+    for images, targets in same_size_batches(plan, batch_size, on_error, min_size=5,  # the generator needs 5 px
+                                             transform=(lambda image: resize(image, size)) if size else None,
+                                             progress=progress, desc="translate"):
+        translated = _translate_batch(generator, images, device)
+        written += [write_image(target, image) for image, target in zip(translated, targets)]
     return written
 
 

@@ -26,7 +26,7 @@ import os
 import tempfile
 import warnings
 from pathlib import Path
-from typing import Optional, Sequence, Union
+from typing import Callable, Iterator, Optional, Sequence, Union
 
 import numpy as np
 import torch
@@ -50,6 +50,7 @@ __all__ = [
     "RenamedOutputWarning",
     "KeptOutputWarning",
     "plan_outputs",
+    "same_size_batches",
 ]
 
 PathLike = Union[str, os.PathLike]
@@ -502,3 +503,32 @@ def plan_outputs(
                       KeptOutputWarning, stacklevel=3)
     _warn_renamed(files, outputs, [i for i in renamed if outputs[i] not in kept], stacklevel=3)
     return [(f, o) for f, o in zip(files, outputs) if o not in kept]
+
+
+def same_size_batches(
+    plan: Sequence[tuple[Path, Path]], batch_size: int, on_error: str, *, min_size: int = 1,
+    transform: Optional[Callable[[Tensor], Tensor]] = None, progress: bool = False, desc: str = "",
+) -> Iterator[tuple[list[Tensor], list[Path]]]:
+    """The images of a :func:`plan_outputs` plan, read in order (then `transform`-ed), in batches
+    of consecutive images of one size, up to `batch_size`: ``(images, targets)`` each. An
+    unreadable input is reported in one line and skipped, or raised (`on_error`). `progress`
+    shows a bar over the inputs, named `desc`."""
+    from tqdm.auto import tqdm
+
+    images: list[Tensor] = []
+    targets: list[Path] = []
+    for path, target in tqdm(plan, disable=not progress, desc=desc, unit="img"):
+        try:
+            image = read_image(path, min_size=min_size)
+        except ImageReadError as err:
+            report_bad_image(err, on_error)
+            continue
+        if transform is not None:
+            image = transform(image)
+        if images and (image.shape != images[0].shape or len(images) >= batch_size):
+            yield images, targets
+            images, targets = [], []
+        images.append(image)
+        targets.append(target)
+    if images:
+        yield images, targets
